@@ -1,0 +1,288 @@
+"""
+The settings of a proxy, and where they come from.
+
+Every option of C{twistd mcpproxy} is described once in L{OPTIONS}: its
+name, default, type and help.  The command line wins over the environment
+variable C{MCPPROXY_<NAME>} (upper case, dashes as underscores), which wins
+over the default.  L{Settings} is the frozen, validated result that the
+service is built from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+from urllib.parse import unquote, urlsplit
+
+from attrs import frozen
+
+ENV_PREFIX = "MCPPROXY_"
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+DEFAULT_DATABASE = "sqlite:///mcpproxy.sqlite3"
+
+
+class SettingsError(ValueError):
+    """
+    An option has a value that cannot be used; the message names it.
+    """
+
+
+def _positiveInt(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+def _nonNegativeFloat(value: str) -> float:
+    n = float(value)
+    if not n >= 0 or n == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return n
+
+
+def _positiveFloat(value: str) -> float:
+    n = _nonNegativeFloat(value)
+    if n == 0:
+        raise ValueError("must be more than 0")
+    return n
+
+
+def _size(value: str) -> int:
+    """
+    A byte size: a whole number with an optional K, M or G suffix (powers
+    of 1024).
+    """
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    factor = 1
+    for suffix, f in (("K", 1024), ("M", 1024**2), ("G", 1024**3)):
+        if text.endswith(suffix):
+            text, factor = text[:-1], f
+            break
+    n = int(text) * factor
+    if n < 1:
+        raise ValueError("must be at least 1 byte")
+    return n
+
+
+def _str(value: str) -> str:
+    return value
+
+
+@frozen
+class OptionSpec:
+    """
+    One option: C{--name}, its variable, default and coercion.
+    """
+
+    name: str
+    default: Optional[str]
+    coerce: Callable[[str], Any]
+    help: str
+
+    @property
+    def envName(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def attribute(self) -> str:
+        head, *rest = self.name.split("-")
+        return head + "".join(part.capitalize() for part in rest)
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec(
+        "database",
+        DEFAULT_DATABASE,
+        _str,
+        "Database URL: sqlite:///PATH or postgresql://user:password@host:port/dbname.",
+    ),
+    OptionSpec(
+        "key-salt",
+        "",
+        _str,
+        "Salt appended to API keys before hashing (the origin's "
+        "PRISMA_FIELD_ENCRYPTION_HASH_SALT).",
+    ),
+    OptionSpec("auth-cache-size", "100", _positiveInt, "Entries in the API-key cache."),
+    OptionSpec("auth-cache-ttl", "300", _positiveFloat, "Seconds a valid API key stays cached."),
+    OptionSpec(
+        "auth-negative-ttl",
+        "30",
+        _nonNegativeFloat,
+        "Seconds an unknown or refused API key stays cached (0: not cached).",
+    ),
+    OptionSpec(
+        "config-cache-ttl", "300", _positiveFloat, "Seconds an instance's configuration stays cached."
+    ),
+    OptionSpec("session-timeout", "600", _positiveFloat, "Seconds of inactivity that end a session."),
+    OptionSpec(
+        "session-sweep",
+        None,
+        _positiveFloat,
+        "Seconds between sweeps of expired sessions (default: half the session timeout).",
+    ),
+    OptionSpec("max-sessions", "10000", _positiveInt, "Sessions open at once; more get 503."),
+    OptionSpec(
+        "upstream-processes", "1", _positiveInt, "Processes per stdio upstream (instance, config)."
+    ),
+    OptionSpec("upstream-timeout", "30", _positiveFloat, "Seconds an upstream call may take."),
+    OptionSpec(
+        "upstream-idle-ttl", "300", _positiveFloat, "Seconds an idle upstream process is kept."
+    ),
+    OptionSpec("max-body-size", "10M", _size, "Largest request body (K, M, G suffixes); more gets 413."),
+    OptionSpec("sse-keepalive", "30", _positiveFloat, "Seconds between SSE keep-alive comments."),
+)
+
+OPTIONS_BY_NAME: Mapping[str, OptionSpec] = {o.name: o for o in OPTIONS}
+
+
+@frozen
+class DatabaseURL:
+    """
+    A parsed C{--database} value.
+
+    @ivar kind: C{"sqlite"} or C{"postgresql"}.
+    @ivar path: the SQLite file (C{":memory:"} for a private in-memory one).
+    @ivar dsn: the libpq connection string for PostgreSQL.
+    """
+
+    kind: str
+    path: str = ""
+    dsn: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> DatabaseURL:
+        """
+        Parse C{sqlite:///PATH} (relative to the working directory;
+        C{sqlite:////abs/path} for an absolute one) or
+        C{postgresql://user:password@host:port/dbname}.
+
+        @raise SettingsError: for anything else.
+        """
+        if url.startswith("sqlite://"):
+            rest = url[len("sqlite://") :]
+            if not rest.startswith("/") or len(rest) < 2:
+                raise SettingsError(
+                    f"bad --database {url!r}: expected sqlite:///PATH"
+                )
+            return cls(kind="sqlite", path=unquote(rest[1:]))
+        parts = urlsplit(url)
+        if parts.scheme in ("postgresql", "postgres"):
+            dbname = parts.path.lstrip("/")
+            if not parts.hostname and not dbname:
+                raise SettingsError(
+                    f"bad --database {url!r}: expected "
+                    "postgresql://user:password@host:port/dbname"
+                )
+            fields = []
+            if parts.hostname:
+                fields.append(("host", parts.hostname))
+            try:
+                port = parts.port
+            except ValueError:
+                raise SettingsError(f"bad --database {url!r}: bad port") from None
+            if port:
+                fields.append(("port", str(port)))
+            if parts.username:
+                fields.append(("user", unquote(parts.username)))
+            if parts.password:
+                fields.append(("password", unquote(parts.password)))
+            if dbname:
+                fields.append(("dbname", unquote(dbname)))
+            for item in parts.query.split("&") if parts.query else ():
+                key, _, value = item.partition("=")
+                if key:
+                    fields.append((key, unquote(value)))
+            dsn = " ".join(f"{k}={_quoteLibpq(v)}" for k, v in fields)
+            return cls(kind="postgresql", dsn=dsn)
+        raise SettingsError(
+            f"bad --database {url!r}: expected sqlite:///PATH or "
+            "postgresql://user:password@host:port/dbname"
+        )
+
+    def redacted(self) -> str:
+        """
+        A form safe to log: the password is masked.
+        """
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.path}"
+        return " ".join(
+            "password=***" if part.startswith("password=") else part
+            for part in self.dsn.split(" ")
+        )
+
+
+def _quoteLibpq(value: str) -> str:
+    if value and all(c not in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@frozen
+class Settings:
+    """
+    The validated settings of one proxy.
+    """
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    database: DatabaseURL = DatabaseURL.parse(DEFAULT_DATABASE)
+    keySalt: str = ""
+    authCacheSize: int = 100
+    authCacheTtl: float = 300.0
+    authNegativeTtl: float = 30.0
+    configCacheTtl: float = 300.0
+    sessionTimeout: float = 600.0
+    sessionSweep: float = 300.0
+    maxSessions: int = 10000
+    upstreamProcesses: int = 1
+    upstreamTimeout: float = 30.0
+    upstreamIdleTtl: float = 300.0
+    maxBodySize: int = 10 * 1024 * 1024
+    sseKeepalive: float = 30.0
+
+
+def resolveSettings(
+    given: Mapping[str, Optional[str]],
+    listen: Sequence[str] = (),
+    environ: Optional[Mapping[str, str]] = None,
+) -> Settings:
+    """
+    Build L{Settings} from command-line values, the environment and the
+    defaults, in that order of precedence.
+
+    @param given: option name to the command-line value (C{None} when the
+        option was not given).
+    @param listen: the C{--listen} values given on the command line.
+    @param environ: the environment (default: C{os.environ}).
+    @raise SettingsError: naming the option and the problem.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in OPTIONS:
+        raw = given.get(spec.name)
+        source = f"--{spec.name}"
+        if raw is None and spec.envName in env:
+            raw = env[spec.envName]
+            source = spec.envName
+        if raw is None:
+            raw = spec.default
+        if raw is None:
+            continue
+        try:
+            values[spec.attribute] = spec.coerce(raw)
+        except (TypeError, ValueError) as e:
+            raise SettingsError(f"bad {source} value {raw!r}: {e}") from None
+    values["database"] = DatabaseURL.parse(values["database"])
+    if "sessionSweep" not in values:
+        values["sessionSweep"] = values["sessionTimeout"] / 2
+    if listen:
+        values["listen"] = tuple(listen)
+    elif ENV_PREFIX + "LISTEN" in env:
+        values["listen"] = tuple(
+            part.strip() for part in env[ENV_PREFIX + "LISTEN"].split(",") if part.strip()
+        )
+    else:
+        values["listen"] = (DEFAULT_LISTEN,)
+    return Settings(**values)
