@@ -114,9 +114,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "Seconds an unknown or refused API key stays cached (0: not cached).",
     ),
     OptionSpec(
-        "config-cache-ttl", "300", _positiveFloat, "Seconds an instance's configuration stays cached."
+        "config-cache-ttl",
+        "300",
+        _positiveFloat,
+        "Seconds an instance's configuration stays cached.",
     ),
-    OptionSpec("session-timeout", "600", _positiveFloat, "Seconds of inactivity that end a session."),
+    OptionSpec(
+        "session-timeout", "600", _positiveFloat, "Seconds of inactivity that end a session."
+    ),
     OptionSpec(
         "session-sweep",
         None,
@@ -131,7 +136,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "upstream-idle-ttl", "300", _positiveFloat, "Seconds an idle upstream process is kept."
     ),
-    OptionSpec("max-body-size", "10M", _size, "Largest request body (K, M, G suffixes); more gets 413."),
+    OptionSpec(
+        "max-body-size", "10M", _size, "Largest request body (K, M, G suffixes); more gets 413."
+    ),
     OptionSpec("sse-keepalive", "30", _positiveFloat, "Seconds between SSE keep-alive comments."),
 )
 
@@ -164,17 +171,14 @@ class DatabaseURL:
         if url.startswith("sqlite://"):
             rest = url[len("sqlite://") :]
             if not rest.startswith("/") or len(rest) < 2:
-                raise SettingsError(
-                    f"bad --database {url!r}: expected sqlite:///PATH"
-                )
+                raise SettingsError(f"bad --database {url!r}: expected sqlite:///PATH")
             return cls(kind="sqlite", path=unquote(rest[1:]))
         parts = urlsplit(url)
         if parts.scheme in ("postgresql", "postgres"):
             dbname = parts.path.lstrip("/")
             if not parts.hostname and not dbname:
                 raise SettingsError(
-                    f"bad --database {url!r}: expected "
-                    "postgresql://user:password@host:port/dbname"
+                    f"bad --database {url!r}: expected postgresql://user:password@host:port/dbname"
                 )
             fields = []
             if parts.hostname:
@@ -209,8 +213,7 @@ class DatabaseURL:
         if self.kind == "sqlite":
             return f"sqlite:///{self.path}"
         return " ".join(
-            "password=***" if part.startswith("password=") else part
-            for part in self.dsn.split(" ")
+            "password=***" if part.startswith("password=") else part for part in self.dsn.split(" ")
         )
 
 
@@ -227,7 +230,7 @@ class Settings:
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    database: DatabaseURL = DatabaseURL.parse(DEFAULT_DATABASE)
+    database: DatabaseURL = DatabaseURL(kind="sqlite", path="mcpproxy.sqlite3")
     keySalt: str = ""
     authCacheSize: int = 100
     authCacheTtl: float = 300.0

@@ -43,28 +43,28 @@ class IRepository(Interface):
         """
     )
 
-    def start():  # type: ignore[misc]
+    def start():
         """
         Connect and run pending migrations.
 
         @return: a Deferred firing with C{None} when the store is usable.
         """
 
-    def stop():  # type: ignore[misc]
+    def stop():
         """
         Close every connection.
 
         @return: a Deferred firing when closed.
         """
 
-    def migrate():  # type: ignore[misc]
+    def migrate():
         """
         Apply pending schema migrations.
 
         @return: a Deferred firing with the list of applied version names.
         """
 
-    def ping():  # type: ignore[misc]
+    def ping():
         """
         Check that the database answers (C{SELECT 1}).
 
@@ -74,7 +74,7 @@ class IRepository(Interface):
 
     # -- the request path ---------------------------------------------------
 
-    def lookupApiKey(keyHash):  # type: ignore[misc,no-untyped-def]
+    def lookupApiKey(keyHash):
         """
         Resolve an API key hash, in one query, to the key, its instance and
         its tool group's state.
@@ -85,7 +85,7 @@ class IRepository(Interface):
             no key has that hash.
         """
 
-    def loadInstanceConfig(instanceId):  # type: ignore[misc,no-untyped-def]
+    def loadInstanceConfig(instanceId):
         """
         Load an instance's whole upstream configuration in one query.
 
@@ -93,14 +93,14 @@ class IRepository(Interface):
             when the instance does not exist or is deleted.
         """
 
-    def touchApiKey(keyId, when):  # type: ignore[misc,no-untyped-def]
+    def touchApiKey(keyId, when):
         """
         Set "lastUsedAt" of a key.
 
         @return: a Deferred firing with C{None}.
         """
 
-    def insertRequestLogs(rows):  # type: ignore[misc,no-untyped-def]
+    def insertRequestLogs(rows):
         """
         Write request-log rows (and their data rows) in one transaction with
         multi-row INSERTs.
@@ -109,7 +109,7 @@ class IRepository(Interface):
         @return: a Deferred firing with the number of rows written.
         """
 
-    def listRequestLogs(instanceId, since, limit, withData):  # type: ignore[misc,no-untyped-def]
+    def listRequestLogs(instanceId, since, limit, withData):
         """
         Read request-log rows, newest first.
 
@@ -122,49 +122,47 @@ class IRepository(Interface):
 
     # -- administration -----------------------------------------------------
 
-    def createOrganization(name):  # type: ignore[misc,no-untyped-def]
+    def createOrganization(name):
         """@return: Deferred firing with the new L{Organization}."""
 
-    def listOrganizations():  # type: ignore[misc]
+    def listOrganizations():
         """@return: Deferred firing with a list of L{Organization}."""
 
-    def getOrganization(orgId):  # type: ignore[misc,no-untyped-def]
+    def getOrganization(orgId):
         """@return: Deferred firing with the L{Organization} or failing with NotFound."""
 
-    def createServer(  # type: ignore[misc,no-untyped-def]
-        name, transportType, command, args, url, envVars, authType, organizationId
-    ):
+    def createServer(name, transportType, command, args, url, envVars, authType, organizationId):
         """@return: Deferred firing with the new L{McpServer}."""
 
-    def listServers():  # type: ignore[misc]
+    def listServers():
         """@return: Deferred firing with a list of L{McpServer}."""
 
-    def getServer(serverId):  # type: ignore[misc,no-untyped-def]
+    def getServer(serverId):
         """@return: Deferred firing with the L{McpServer} or failing with NotFound."""
 
-    def deleteServer(serverId):  # type: ignore[misc,no-untyped-def]
+    def deleteServer(serverId):
         """
         Delete a server with its configs, tools and their tool-group entries.
 
         @return: Deferred firing with C{None}.
         """
 
-    def createConfig(serverId, name, description, envVars, organizationId):  # type: ignore[misc,no-untyped-def]
+    def createConfig(serverId, name, description, envVars, organizationId):
         """@return: Deferred firing with the new L{ServerConfig}."""
 
-    def listConfigs(organizationId):  # type: ignore[misc,no-untyped-def]
+    def listConfigs(organizationId):
         """@return: Deferred firing with a list of L{ServerConfig} (all when C{None})."""
 
-    def getConfig(configId):  # type: ignore[misc,no-untyped-def]
+    def getConfig(configId):
         """@return: Deferred firing with the L{ServerConfig} or failing with NotFound."""
 
-    def updateConfigEnv(configId, envVars):  # type: ignore[misc,no-untyped-def]
+    def updateConfigEnv(configId, envVars):
         """@return: Deferred firing with the updated L{ServerConfig}."""
 
-    def deleteConfig(configId):  # type: ignore[misc,no-untyped-def]
+    def deleteConfig(configId):
         """@return: Deferred firing with C{None}."""
 
-    def syncTools(serverId, tools):  # type: ignore[misc,no-untyped-def]
+    def syncTools(serverId, tools):
         """
         Make the "Tool" rows of a server match C{tools}: insert new names,
         update descriptions and schemas, keep the others.
@@ -173,45 +171,45 @@ class IRepository(Interface):
         @return: Deferred firing with the server's list of L{Tool}.
         """
 
-    def listTools(serverId):  # type: ignore[misc,no-untyped-def]
+    def listTools(serverId):
         """@return: Deferred firing with the server's list of L{Tool}, by name."""
 
-    def createToolGroup(organizationId, name, description, tools):  # type: ignore[misc,no-untyped-def]
+    def createToolGroup(organizationId, name, description, tools):
         """
         @param tools: a sequence of C{(configId, toolName)}; each name must
             be a "Tool" of that config's server.
         @return: Deferred firing with the new L{ToolGroup}.
         """
 
-    def setToolGroupTools(toolGroupId, tools):  # type: ignore[misc,no-untyped-def]
+    def setToolGroupTools(toolGroupId, tools):
         """
         Replace the whitelist of a tool group.
 
         @return: Deferred firing with the updated L{ToolGroup}.
         """
 
-    def setToolGroupEnabled(toolGroupId, enabled):  # type: ignore[misc,no-untyped-def]
+    def setToolGroupEnabled(toolGroupId, enabled):
         """@return: Deferred firing with the updated L{ToolGroup}."""
 
-    def getToolGroup(toolGroupId):  # type: ignore[misc,no-untyped-def]
+    def getToolGroup(toolGroupId):
         """@return: Deferred firing with the L{ToolGroup} or failing with NotFound."""
 
-    def listToolGroups(organizationId):  # type: ignore[misc,no-untyped-def]
+    def listToolGroups(organizationId):
         """@return: Deferred firing with a list of L{ToolGroup} (all when C{None})."""
 
-    def createInstance(organizationId, name, description, toolGroupId, authType):  # type: ignore[misc,no-untyped-def]
+    def createInstance(organizationId, name, description, toolGroupId, authType):
         """@return: Deferred firing with the new L{Instance}."""
 
-    def getInstance(instanceId):  # type: ignore[misc,no-untyped-def]
+    def getInstance(instanceId):
         """
         @return: Deferred firing with the L{Instance} (deleted ones too) or
             failing with NotFound.
         """
 
-    def listInstances(organizationId, includeDeleted):  # type: ignore[misc,no-untyped-def]
+    def listInstances(organizationId, includeDeleted):
         """@return: Deferred firing with a list of L{Instance}."""
 
-    def deleteInstance(instanceId):  # type: ignore[misc,no-untyped-def]
+    def deleteInstance(instanceId):
         """
         Soft-delete: set "deletedAt".
 
@@ -219,20 +217,20 @@ class IRepository(Interface):
             so that callers can invalidate cached entries.
         """
 
-    def createApiKey(instanceId, name, keyHash, display, expiresAt):  # type: ignore[misc,no-untyped-def]
+    def createApiKey(instanceId, name, keyHash, display, expiresAt):
         """@return: Deferred firing with the new L{ApiKey}."""
 
-    def listApiKeys(instanceId):  # type: ignore[misc,no-untyped-def]
+    def listApiKeys(instanceId):
         """@return: Deferred firing with a list of L{ApiKey} (all when C{None})."""
 
-    def revokeApiKey(keyId):  # type: ignore[misc,no-untyped-def]
+    def revokeApiKey(keyId):
         """
         Set "isActive" to false.
 
         @return: Deferred firing with the key's hash.
         """
 
-    def setApiKeyExpiry(keyId, expiresAt):  # type: ignore[misc,no-untyped-def]
+    def setApiKeyExpiry(keyId, expiresAt):
         """
         @param expiresAt: naive UTC C{datetime}, or C{None} for never.
         @return: Deferred firing with the key's hash.
@@ -256,20 +254,20 @@ class ICache(Interface):
         """
     )
 
-    def get(key):  # type: ignore[misc,no-untyped-def]
+    def get(key):
         """
         @return: a Deferred firing with the value, or C{None} on a miss or
             an expired entry.
         """
 
-    def set(key, value, ttl):  # type: ignore[misc,no-untyped-def]
+    def set(key, value, ttl):
         """
         Store C{value} for C{ttl} seconds (C{None}: the provider's default).
 
         @return: a Deferred firing with C{None}.
         """
 
-    def delete(keys):  # type: ignore[misc,no-untyped-def]
+    def delete(keys):
         """
         Remove entries.
 
@@ -277,7 +275,7 @@ class ICache(Interface):
         @return: a Deferred firing with C{None}.
         """
 
-    def clear():  # type: ignore[misc]
+    def clear():
         """
         Remove every entry.
 
@@ -299,7 +297,7 @@ class IUpstream(Interface):
     alive = Attribute("""False once the connection or process has ended.""")
     inFlight = Attribute("""The number of requests awaiting a response.""")
 
-    def start():  # type: ignore[misc]
+    def start():
         """
         Connect (or spawn) and run the initialize handshake.
 
@@ -307,7 +305,7 @@ class IUpstream(Interface):
             L{mcp_proxy.upstream.UpstreamError}.
         """
 
-    def request(method, params, timeout):  # type: ignore[misc,no-untyped-def]
+    def request(method, params, timeout):
         """
         Send a request.  Cancelling the returned Deferred, or its timeout,
         sends C{notifications/cancelled} upstream.
@@ -319,12 +317,12 @@ class IUpstream(Interface):
             JSON-RPC error code when there is one).
         """
 
-    def notify(method, params):  # type: ignore[misc,no-untyped-def]
+    def notify(method, params):
         """
         Send a notification.
         """
 
-    def stop():  # type: ignore[misc]
+    def stop():
         """
         Close the connection; for a process: close stdin, then terminate,
         then kill its whole process group.

@@ -33,7 +33,7 @@ def utcnow() -> datetime.datetime:
     The current time as the database stores it: naive UTC, millisecond
     precision.
     """
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     return now.replace(microsecond=(now.microsecond // 1000) * 1000)
 
 
