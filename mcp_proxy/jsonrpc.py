@@ -139,3 +139,17 @@ def classify(message: Any) -> str:
     if "id" in message and ("result" in message or "error" in message):
         return "response"
     return "invalid"
+
+
+class RawJSON(bytes):
+    """
+    JSON text that is already encoded, to be spliced into a message instead
+    of being parsed and encoded again.
+    """
+
+
+def encodeResponseRaw(requestId: Optional[RequestId], result: RawJSON) -> bytes:
+    """
+    A success response whose result is already-encoded JSON.
+    """
+    return b'{"jsonrpc":"2.0","id":' + encode(requestId) + b',"result":' + result + b"}"

@@ -1,0 +1,237 @@
+"""
+MCP methods: what the proxy answers to each JSON-RPC request of a client.
+
+The dispatcher is independent of the transport and of sessions: it is given
+the instance (from the authenticated principal) and one message, and gives
+back the encoded response.  The HTTP front decides how the bytes travel
+(JSON body, POST SSE stream, legacy SSE stream).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+
+from mcp_proxy import __version__, jsonrpc
+from mcp_proxy.models import InstanceConfig
+from mcp_proxy.router import Router, ToolCatalog
+
+SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+LATEST_VERSION = "2025-11-25"
+SERVER_INFO = {"name": "mcp-proxy", "version": __version__}
+
+
+class LoadConfig(Protocol):
+    """
+    Loads (through its cache) an instance's configuration.
+    """
+
+    def __call__(self, instanceId: str) -> Deferred[Optional[InstanceConfig]]: ...
+
+
+@frozen
+class CallContext:
+    """
+    Who is asking, and for which instance.
+
+    @ivar instanceId: the instance the request is for.
+    @ivar keyId: the API key's id.
+    @ivar sessionId: the session, or C{None} for a sessionless request.
+    @ivar transport: C{"STREAMABLE_HTTPS"} or C{"SSE"} (as the request log
+        records it).
+    """
+
+    instanceId: str
+    organizationId: str
+    keyId: str
+    sessionId: Optional[str]
+    transport: str
+    protocolVersion: str = LATEST_VERSION
+
+
+def negotiateVersion(requested: Any) -> str:
+    """
+    The protocol version to answer an C{initialize} with: the client's when
+    supported, else the latest.
+    """
+    if isinstance(requested, str) and requested in SUPPORTED_VERSIONS:
+        return requested
+    return LATEST_VERSION
+
+
+def encodeResult(requestId: jsonrpc.RequestId, result: Any) -> bytes:
+    """
+    Encode a success response.
+    """
+    return jsonrpc.encode(jsonrpc.response(requestId, result))
+
+
+def encodeError(requestId: Optional[jsonrpc.RequestId], error: jsonrpc.JsonRpcError) -> bytes:
+    """
+    Encode an error response.
+    """
+    return jsonrpc.encode(jsonrpc.errorResponse(requestId, error.code, error.message, error.data))
+
+
+def errorFromException(exc: BaseException, method: str) -> jsonrpc.JsonRpcError:
+    """
+    The JSON-RPC error for a failed request: errors that carry an integer
+    C{code} (a JSON-RPC error of an upstream) keep it; a cancelled call is a
+    timeout; anything else is an internal error whose message does not leak
+    internals.
+    """
+    if isinstance(exc, jsonrpc.JsonRpcError):
+        return exc
+    code = getattr(exc, "code", None)
+    message = getattr(exc, "message", None)
+    if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
+        return jsonrpc.JsonRpcError(code, message, getattr(exc, "data", None))
+    if isinstance(exc, CancelledError):
+        return jsonrpc.JsonRpcError(jsonrpc.REQUEST_TIMEOUT, f"{method} was cancelled")
+    if isinstance(message, str) and message:
+        return jsonrpc.JsonRpcError(jsonrpc.INTERNAL_ERROR, message)
+    return jsonrpc.JsonRpcError(jsonrpc.INTERNAL_ERROR, f"Internal error in {method}")
+
+
+@define
+class Dispatcher:
+    """
+    Answers the MCP requests of clients.
+
+    @ivar loadConfig: the instance configuration loader (cached).
+    @ivar router: the routing core.
+    @ivar onRequest: called after each request with (context, method,
+        params, outcome) for the request log and metrics; may be C{None}.
+    """
+
+    loadConfig: LoadConfig
+    router: Router
+    onRequest: Optional[Callable[..., None]] = None
+    _log: Logger = field(factory=lambda: Logger(namespace="mcp_proxy.dispatch"))
+
+    def capabilities(self) -> dict[str, Any]:
+        """
+        The server capabilities advertised to clients.
+        """
+        return {"tools": {"listChanged": False}}
+
+    def initializeResult(self, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """
+        The result of an C{initialize} request.
+
+        @return: the negotiated version and the result object.
+        """
+        version = negotiateVersion(params.get("protocolVersion"))
+        return version, {
+            "protocolVersion": version,
+            "capabilities": self.capabilities(),
+            "serverInfo": SERVER_INFO,
+        }
+
+    def handle(self, ctx: CallContext, message: Mapping[str, Any]) -> Deferred[bytes]:
+        """
+        Answer one request (not C{initialize}, which the session layer
+        handles).
+
+        @return: a Deferred firing with the encoded response; it never
+            fails.
+        """
+        requestId = message["id"]
+        method = message["method"]
+        params = message.get("params")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            return _fired(
+                encodeError(
+                    requestId,
+                    jsonrpc.JsonRpcError(jsonrpc.INVALID_PARAMS, "params must be an object"),
+                )
+            )
+        if method == "ping":
+            return _fired(encodeResult(requestId, {}))
+        if method == "tools/list":
+            d = self._withConfig(ctx, lambda config: self._listTools(config, params))
+            return self._finish(d, ctx, requestId, method, params)
+        if method == "tools/call":
+            d = self._withConfig(ctx, lambda config: self.router.callTool(config, params))
+            return self._finish(d, ctx, requestId, method, params)
+        if method == "initialize":
+            return _fired(
+                encodeError(
+                    requestId,
+                    jsonrpc.JsonRpcError(jsonrpc.INVALID_REQUEST, "Server already initialized"),
+                )
+            )
+        return _fired(
+            encodeError(
+                requestId,
+                jsonrpc.JsonRpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
+            )
+        )
+
+    def _withConfig(
+        self, ctx: CallContext, then: Callable[[InstanceConfig], Deferred[Any]]
+    ) -> Deferred[Any]:
+        def loaded(config: Optional[InstanceConfig]) -> Deferred[Any]:
+            if config is None:
+                raise jsonrpc.JsonRpcError(jsonrpc.INTERNAL_ERROR, "MCP server instance not found")
+            return then(config)
+
+        d = self.loadConfig(ctx.instanceId)
+        d.addCallback(loaded)
+        return d
+
+    def _listTools(self, config: InstanceConfig, params: Mapping[str, Any]) -> Deferred[Any]:
+        if params.get("cursor") is not None:
+            raise jsonrpc.JsonRpcError(jsonrpc.INVALID_PARAMS, "Invalid cursor")
+        return self.router.catalog(config).addCallback(_ListResult)
+
+    def _finish(
+        self,
+        d: Deferred[Any],
+        ctx: CallContext,
+        requestId: jsonrpc.RequestId,
+        method: str,
+        params: Mapping[str, Any],
+    ) -> Deferred[bytes]:
+        def ok(result: Any) -> bytes:
+            if isinstance(result, _ListResult):
+                body = jsonrpc.RawJSON(b'{"tools":' + result.catalog.toolsJson + b"}")
+                encoded = jsonrpc.encodeResponseRaw(requestId, body)
+            else:
+                encoded = encodeResult(requestId, result)
+            if self.onRequest is not None:
+                self.onRequest(ctx, method, params, result, None)
+            return encoded
+
+        def failed(reason: Any) -> bytes:
+            error = errorFromException(reason.value, method)
+            if not isinstance(reason.value, (jsonrpc.JsonRpcError, CancelledError)) and not (
+                isinstance(getattr(reason.value, "code", None), int)
+            ):
+                self._log.failure(
+                    "{method} failed for instance {instance}",
+                    reason,
+                    method=method,
+                    instance=ctx.instanceId,
+                )
+            if self.onRequest is not None:
+                self.onRequest(ctx, method, params, None, error)
+            return encodeError(requestId, error)
+
+        return d.addCallbacks(ok, failed)
+
+
+@frozen
+class _ListResult:
+    catalog: ToolCatalog
+
+
+def _fired(value: bytes) -> Deferred[bytes]:
+    d: Deferred[bytes] = Deferred()
+    d.callback(value)
+    return d
