@@ -12,7 +12,7 @@ L{SingleFlight} lets concurrent misses for one key share one load.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Generic, Hashable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterable, Optional, TypeVar, cast
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -166,7 +166,7 @@ class SingleFlight(Generic[K, V]):
         """
         return len(self._waiters)
 
-    def run(self, key: K, load: Callable[[], Deferred[V]]) -> Deferred[V]:
+    def run(self, key: K, load: Callable[[], Deferred[V] | V]) -> Deferred[V]:
         """
         Wait for the load of C{key} in flight, or start one with C{load}.
 
@@ -180,7 +180,8 @@ class SingleFlight(Generic[K, V]):
             waiters.append(mine)
             return mine
         self._waiters[key] = [mine]
-        started: Deferred[V] = maybeDeferred(load)
+        # maybeDeferred takes a value, a Deferred, or an exception alike.
+        started: Deferred[V] = maybeDeferred(cast(Callable[[], Deferred[V]], load))
         started.addBoth(self._land, key)
         return mine
 

@@ -2,21 +2,28 @@
 Working fakes for tests of mcp-proxy and of code built on it.
 
 These are small real implementations of narrow interfaces, not mocks:
-L{FailingCache} is an L{ICache} whose backend is down, and L{CacheHarness}
-wraps an L{ICache} provider with a way to let time pass, for the shared cache contract tests.
+L{FakeKeyLookup} provides L{IKeyLookup} from dicts, L{FailingCache} is an
+L{ICache} whose backend is down, and L{CacheHarness} wraps an L{ICache}
+provider with a way to let time pass, for the shared cache contract tests.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+import datetime
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from mcp_proxy.auth import IKeyLookup
 from mcp_proxy.cache import MemoryCache
 from mcp_proxy.interfaces import ICache
+from mcp_proxy.keys import hashApiKey
+from mcp_proxy.models import ApiKeyRecord, InstanceConfig
+
+T = TypeVar("T")
 
 
 @define
@@ -69,8 +76,98 @@ class FailingCache:
         return fail(self.error)
 
 
+@implementer(IKeyLookup)
+@define
+class FakeKeyLookup:
+    """
+    An L{IKeyLookup} backed by dicts.
+
+    @ivar records: key hash to L{ApiKeyRecord}.
+    @ivar configs: instance id to L{InstanceConfig}.
+    @ivar calls: how many times each method was called.
+    @ivar touches: the C{(keyId, when)} of every C{touchApiKey} call.
+    @ivar error: when set, C{lookupApiKey} and C{loadInstanceConfig} fail
+        with it (e.g. L{mcp_proxy.errors.DatabaseUnavailable}).
+    @ivar touchError: when set, C{touchApiKey} fails with it.
+    @ivar hold: when true, lookups do not answer until L{release}; the
+        answer is computed then, from the state at that time.
+    """
+
+    records: dict[str, ApiKeyRecord] = field(factory=dict)
+    configs: dict[str, InstanceConfig] = field(factory=dict)
+    calls: dict[str, int] = field(
+        factory=lambda: dict.fromkeys(("lookupApiKey", "loadInstanceConfig", "touchApiKey"), 0)
+    )
+    touches: list[tuple[str, datetime.datetime]] = field(factory=list)
+    error: Optional[Exception] = None
+    touchError: Optional[Exception] = None
+    hold: bool = False
+    _pending: list[tuple[Deferred[Any], Callable[[], Any]]] = field(factory=list, init=False)
+
+    def addKey(self, apiKey: str, record: ApiKeyRecord, salt: str = "") -> str:
+        """
+        Store C{record} under the hash of C{apiKey}.
+
+        @return: the key hash.
+        """
+        keyHash = hashApiKey(apiKey, salt)
+        self.records[keyHash] = record
+        return keyHash
+
+    @property
+    def pending(self) -> int:
+        """
+        The number of held lookups.
+        """
+        return len(self._pending)
+
+    def release(self) -> None:
+        """
+        Answer every held lookup, oldest first.
+        """
+        pending, self._pending = self._pending, []
+        for d, answer in pending:
+            try:
+                value = answer()
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(value)
+
+    def _answer(self, answer: Callable[[], T]) -> Deferred[T]:
+        if self.hold:
+            d: Deferred[T] = Deferred()
+            self._pending.append((d, answer))
+            return d
+        try:
+            return succeed(answer())
+        except Exception as e:
+            return fail(e)
+
+    def _checked(self, value: T) -> T:
+        if self.error is not None:
+            raise self.error
+        return value
+
+    def lookupApiKey(self, keyHash: str) -> Deferred[Optional[ApiKeyRecord]]:
+        self.calls["lookupApiKey"] += 1
+        return self._answer(lambda: self._checked(self.records.get(keyHash)))
+
+    def loadInstanceConfig(self, instanceId: str) -> Deferred[Optional[InstanceConfig]]:
+        self.calls["loadInstanceConfig"] += 1
+        return self._answer(lambda: self._checked(self.configs.get(instanceId)))
+
+    def touchApiKey(self, keyId: str, when: datetime.datetime) -> Deferred[None]:
+        self.calls["touchApiKey"] += 1
+        if self.touchError is not None:
+            return fail(self.touchError)
+        self.touches.append((keyId, when))
+        return succeed(None)
+
+
 __all__ = [
     "CacheHarness",
     "FailingCache",
+    "FakeKeyLookup",
     "memoryCacheHarness",
 ]
