@@ -83,6 +83,9 @@ class Session:
     @ivar protocolVersion: the negotiated MCP protocol version.
     @ivar clientInfo: the client's C{initialize} C{clientInfo}.
     @ivar clientCapabilities: the client's C{initialize} capabilities.
+    @ivar organizationId: the organization of the instance.
+    @ivar initialized: whether the client has run C{initialize} in it (the
+        legacy SSE transport opens the session before that).
     @ivar closed: whether it has been closed.
     @ivar closeReason: why it was closed.
     """
@@ -96,6 +99,8 @@ class Session:
     protocolVersion: str = ""
     clientInfo: dict[str, Any] = field(factory=dict)
     clientCapabilities: dict[str, Any] = field(factory=dict)
+    organizationId: str = ""
+    initialized: bool = False
     closed: bool = False
     closeReason: Optional[str] = None
     _closeCallbacks: list[CloseCallback] = field(factory=list, repr=False)
@@ -221,6 +226,8 @@ class SessionTable:
         protocolVersion: str = "",
         clientInfo: Optional[dict[str, Any]] = None,
         clientCapabilities: Optional[dict[str, Any]] = None,
+        organizationId: str = "",
+        initialized: bool = False,
     ) -> Session:
         """
         Open a session.  At capacity, expired sessions are swept first.
@@ -249,6 +256,8 @@ class SessionTable:
             protocolVersion=protocolVersion,
             clientInfo=dict(clientInfo or {}),
             clientCapabilities=dict(clientCapabilities or {}),
+            organizationId=organizationId,
+            initialized=initialized,
         )
         self._sessions[sessionId] = session
         self._byTransport[transport] += 1
