@@ -20,8 +20,9 @@ from zope.interface import implementer
 from mcp_proxy.auth import IKeyLookup
 from mcp_proxy.cache import MemoryCache
 from mcp_proxy.interfaces import ICache
+from mcp_proxy.jsonrpc import JsonRpcError, encode
 from mcp_proxy.keys import hashApiKey
-from mcp_proxy.models import ApiKeyRecord, InstanceConfig
+from mcp_proxy.models import ApiKeyRecord, InstanceConfig, UpstreamConfig
 
 T = TypeVar("T")
 
@@ -165,9 +166,55 @@ class FakeKeyLookup:
         return succeed(None)
 
 
+@define
+class FakeUpstreams:
+    """
+    Stands in for the upstream pool's C{call}: answers C{tools/list} from a
+    table of tools per config id (in pages of C{pageSize}, with
+    C{nextCursor}) and C{tools/call} with a text content echoing the call's
+    parameters; records every call.
+
+    @ivar failing: config names whose calls fail.
+    @ivar pending: when a list, C{tools/list} answers wait in it until the
+        test fires them.
+    """
+
+    tools: dict[str, list[dict[str, Any]]]
+    pageSize: int = 100
+    failing: set[str] = field(factory=set)
+    pending: Optional[list[Deferred[Any]]] = None
+    calls: list[tuple[str, str, Any]] = field(factory=list)
+
+    def __call__(
+        self,
+        instanceId: str,
+        config: UpstreamConfig,
+        method: str,
+        params: Optional[dict[str, Any]],
+        timeout: float,
+    ) -> Deferred[Any]:
+        self.calls.append((config.name, method, params))
+        if config.name in self.failing:
+            return fail(JsonRpcError(-32603, f"{config.name} is down"))
+        if method == "tools/list":
+            start = int((params or {}).get("cursor") or 0)
+            page = self.tools.get(config.configId, [])[start : start + self.pageSize]
+            result: dict[str, Any] = {"tools": page}
+            if start + self.pageSize < len(self.tools.get(config.configId, [])):
+                result["nextCursor"] = str(start + self.pageSize)
+            if self.pending is not None:
+                d: Deferred[Any] = Deferred()
+                self.pending.append(d)
+                d.addCallback(lambda _: result)
+                return d
+            return succeed(result)
+        return succeed({"content": [{"type": "text", "text": encode(params).decode()}]})
+
+
 __all__ = [
     "CacheHarness",
     "FailingCache",
     "FakeKeyLookup",
+    "FakeUpstreams",
     "memoryCacheHarness",
 ]

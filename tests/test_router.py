@@ -10,14 +10,13 @@ import json
 from typing import Any, Optional
 
 import pytest
-from attrs import define, field
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcp_proxy import jsonrpc
 from mcp_proxy.models import STDIO, InstanceConfig, UpstreamConfig
 from mcp_proxy.router import MAX_TOOL_NAME, Router, RouteTable, prefixedName
+from mcp_proxy.testing import FakeUpstreams
 
 
 def upstream(configId: str, name: str, tools: set[str]) -> UpstreamConfig:
@@ -42,46 +41,6 @@ def instance(*upstreams: UpstreamConfig) -> InstanceConfig:
         toolGroupEnabled=True,
         upstreams=tuple(upstreams),
     )
-
-
-@define
-class FakeUpstreams:
-    """
-    Answers C{tools/list} from a table of tools per config, pages of
-    C{pageSize}, and C{tools/call} with the call's parameters; records every
-    call.
-    """
-
-    tools: dict[str, list[dict[str, Any]]]
-    pageSize: int = 100
-    failing: set[str] = field(factory=set)
-    pending: Optional[list[Deferred[Any]]] = None
-    calls: list[tuple[str, str, Any]] = field(factory=list)
-
-    def __call__(
-        self,
-        instanceId: str,
-        config: UpstreamConfig,
-        method: str,
-        params: Optional[dict[str, Any]],
-        timeout: float,
-    ) -> Deferred[Any]:
-        self.calls.append((config.name, method, params))
-        if config.name in self.failing:
-            return fail(jsonrpc.JsonRpcError(-32603, f"{config.name} is down"))
-        if method == "tools/list":
-            start = int((params or {}).get("cursor") or 0)
-            page = self.tools[config.configId][start : start + self.pageSize]
-            result: dict[str, Any] = {"tools": page}
-            if start + self.pageSize < len(self.tools[config.configId]):
-                result["nextCursor"] = str(start + self.pageSize)
-            if self.pending is not None:
-                d: Deferred[Any] = Deferred()
-                self.pending.append(d)
-                d.addCallback(lambda _: result)
-                return d
-            return succeed(result)
-        return succeed({"content": [{"type": "text", "text": json.dumps(params)}]})
 
 
 def tool(name: str, description: Optional[str] = "does things") -> dict[str, Any]:
