@@ -200,7 +200,7 @@ class FrontTests(SynchronousTestCase):
         """
         An unknown requested version is answered with the latest one.
         """
-        code, body, _ = self.post(
+        _code, body, _ = self.post(
             "/mcp",
             {
                 "jsonrpc": "2.0",
@@ -254,7 +254,7 @@ class FrontTests(SynchronousTestCase):
         """
         An unknown session id gets 404.
         """
-        code, body, _ = self.post(
+        code, _body, _ = self.post(
             "/mcp", {"jsonrpc": "2.0", "id": 1, "method": "ping"}, session="nope"
         )
         self.assertEqual(code, 404)
