@@ -458,6 +458,13 @@ class UpstreamPool:
 
         try:
             upstream = self.upstreamFactory(entry.config, onMessage, onEnded)
+        except UpstreamError as e:
+            # A config that cannot be served: no point in retrying later.
+            slot.lastStartError = e
+            entry.lastError = e.message
+            self._fireWaiters(slot, e)
+            return
+        try:
             started = upstream.start()
         except UpstreamError as e:
             self._startFailed(entry, slot, e)

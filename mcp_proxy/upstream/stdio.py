@@ -342,6 +342,7 @@ class StdioUpstream:
     _timers: dict[str, IDelayedCall] = field(init=False, factory=dict)
     _pipesClosed: bool = field(init=False, default=False)
     _exitDone: bool = field(init=False, default=False)
+    _exitExpected: bool = field(init=False, default=False)
     _groupDone: bool = field(init=False, default=False)
     _groupStage: str = field(init=False, default="")
     _groupDeadline: float = field(init=False, default=0.0)
@@ -808,6 +809,7 @@ class StdioUpstream:
         self.alive = False
         self._state = EXITED
         self._cancelTimers()
+        self._exitExpected = self._stopRequested
         if self._fatal is None and not self._stopRequested:
             log.warn(
                 "upstream {upstream} (pid {pid}) exited ({how})",
@@ -830,7 +832,7 @@ class StdioUpstream:
         ended: Optional[UpstreamError]
         if self._fatal is not None:
             ended = error = self._fatal
-        elif self._stopRequested:
+        elif self._exitExpected:
             ended = None
             error = UpstreamUnavailable(f"upstream {self.name} was stopped")
         else:
