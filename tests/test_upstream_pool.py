@@ -487,7 +487,7 @@ async def test_discoverTools() -> None:
     config = makeConfig(TESTSERVER, "--extra-tools", "25", "--page-size", "7")
     tools = await within(discoverTools(reactor, config, 20))
     names = [t["name"] for t in tools]
-    assert len(names) == 40 == len(set(names))
+    assert len(names) == 41 == len(set(names))
     assert names[:2] == ["echo", "initParams"] and names[-1] == "extra-24"
 
 

@@ -702,6 +702,19 @@ async def test_serverRequestErrors(spawn) -> None:
     assert result["structuredContent"]["error"]["code"] == -32601
 
 
+@pytest_twisted.ensureDeferred
+async def test_serverCancelsItsRequest(spawn) -> None:
+    """notifications/cancelled from the server cancels the hook's Deferred."""
+    cancelled: list[str] = []
+
+    def onMessage(upstream: StdioUpstream, message: dict[str, Any]) -> Deferred[Any]:
+        return Deferred(lambda d: cancelled.append(message["id"]))
+
+    upstream = await spawn(makeConfig(TESTSERVER), onMessage=onMessage)
+    result = await callTool(upstream, "sampleCancelled")
+    assert cancelled == [result["content"][0]["text"]]
+
+
 # -- lifecycle -----------------------------------------------------------------
 
 

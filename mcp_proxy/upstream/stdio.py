@@ -450,7 +450,8 @@ class StdioUpstream:
         return UpstreamUnavailable(f"upstream {self.name} is not running")
 
     def _write(self, message: dict[str, Any]) -> None:
-        if self._transport is not None and self._state in (STARTING, READY, STOPPING):
+        # Once stopping, stdin is closed (or the process is being killed).
+        if self._transport is not None and self._state in (STARTING, READY):
             self._transport.write(jsonrpc.encode(message) + b"\n")
 
     def _request(
@@ -659,7 +660,9 @@ class StdioUpstream:
 
     def _responseReceived(self, message: dict[str, Any]) -> None:
         requestId = message.get("id")
-        entry = self._pending.pop(requestId, None) if isinstance(requestId, int) else None
+        entry = None
+        if isinstance(requestId, int) and not isinstance(requestId, bool):
+            entry = self._pending.pop(requestId, None)
         if entry is None:
             self.droppedResponses += 1
             log.debug(

@@ -153,6 +153,19 @@ def tool(name, arguments):
             }
         )
         return "result", text("notified")
+    if name == "sampleCancelled":
+        with _lock:
+            _nextId[0] += 1
+            requestId = f"srv-{_nextId[0]}"
+        send({"jsonrpc": "2.0", "id": requestId, "method": "sampling/createMessage", "params": {}})
+        send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": requestId, "reason": "changed my mind"},
+            }
+        )
+        return "result", text(requestId)
     if name == "sample":
         answer = askClient("sampling/createMessage", {"messages": [], "maxTokens": 1})
         return "result", {"content": [], "structuredContent": answer}
@@ -179,7 +192,7 @@ def toolList():
         "release",
         "cancellations",
     ]
-    names += ["error", "garbage", "stderr", "pingClient", "notify", "sample"]
+    names += ["error", "garbage", "stderr", "pingClient", "notify", "sample", "sampleCancelled"]
     names += [f"extra-{i}" for i in range(int(option("--extra-tools", "0")))]
     return [
         {"name": n, "description": f"tool {n}", "inputSchema": {"type": "object"}} for n in names
