@@ -562,6 +562,21 @@ async def test_orphansKilledAfterExit(subreaper) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_groupKilledWithoutSubreaper() -> None:
+    """
+    Without reaping orphans, stop() still ends once the group has no live
+    member (killed members may stay zombies of an init that does not reap).
+    """
+    upstream = StdioUpstream(
+        reactor, makeConfig(TESTSERVER, "--ignore-eof", "--grandchild"), stopGrace=0.2
+    )
+    await within(upstream.start())
+    info = (await callTool(upstream, "info"))["structuredContent"]
+    await within(upstream.stop())
+    assert _spawn.liveGroupMembers(info["pgid"]) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_stopDuringStart() -> None:
     """Stopping while the handshake runs fails start() and ends the process."""
     upstream = StdioUpstream(reactor, makeConfig(TESTSERVER))
