@@ -1,0 +1,245 @@
+"""
+Service wiring: one L{ProxyService} owns every reactor-bound part of a
+proxy (repository, caches, authenticator, sessions, upstream pool, HTTP
+front, listening ports) and starts and stops them in dependency order.
+
+Nothing here is module-level state, so a test can run two proxies in one
+process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mcp_proxy import __version__
+from mcp_proxy.auth import Authenticator, ConfigLoader, RepositoryKeyLookup
+from mcp_proxy.cache import MemoryCache
+from mcp_proxy.config import Settings
+from mcp_proxy.dispatch import Dispatcher
+from mcp_proxy.httpserver import makeSite
+from mcp_proxy.interfaces import IRepository
+from mcp_proxy.repository import openRepository
+from mcp_proxy.router import Router
+from mcp_proxy.session import SessionTable
+from mcp_proxy.transport import McpFront
+from mcp_proxy.upstream._spawn import setSubreaper
+from mcp_proxy.upstream.pool import UpstreamPool
+
+log = Logger(namespace="mcp_proxy.service")
+
+CONFIG_CACHE_SIZE = 10_000
+HEALTH_DB_TIMEOUT = 5.0
+HEALTH_CACHE_SECONDS = 1.0
+DB_RETRY_MAX = 30.0
+
+
+class ProxyService(MultiService):
+    """
+    A whole proxy.
+
+    Start order: the database connects (retrying with backoff while it is
+    unreachable) and migrates; then the session sweeper, the upstream pool
+    and finally the listening ports start.  A port that cannot be bound
+    stops the process.
+
+    @ivar ports: the listening ports, once started.  Stop order: the ports close,
+    streams and sessions end, the upstream processes stop (no orphans), and
+    the database closes last.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        repository: Optional[IRepository] = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        clock: IReactorTime = reactor
+        self.repository: IRepository = (
+            repository if repository is not None else openRepository(settings.database, reactor)
+        )
+        lookup = RepositoryKeyLookup(self.repository)
+        self.authCache = MemoryCache(
+            clock=clock, maxSize=settings.authCacheSize, defaultTtl=settings.authCacheTtl
+        )
+        self.configCache = MemoryCache(
+            clock=clock, maxSize=CONFIG_CACHE_SIZE, defaultTtl=settings.configCacheTtl
+        )
+        self.authenticator = Authenticator(
+            lookup=lookup,
+            cache=self.authCache,
+            clock=clock,
+            salt=settings.keySalt,
+            ttl=settings.authCacheTtl,
+            negativeTtl=settings.authNegativeTtl,
+        )
+        self.configs = ConfigLoader(
+            lookup=lookup, cache=self.configCache, ttl=settings.configCacheTtl
+        )
+        self.sessions = SessionTable(
+            clock=clock, timeout=settings.sessionTimeout, maxSessions=settings.maxSessions
+        )
+        self.pool = UpstreamPool(
+            reactor=reactor,
+            processesPerUpstream=settings.upstreamProcesses,
+            idleTtl=settings.upstreamIdleTtl,
+        )
+        self.router = Router(
+            callUpstream=self.pool.call,
+            clock=clock,
+            timeout=settings.upstreamTimeout,
+            catalogTtl=settings.configCacheTtl,
+        )
+        self.dispatcher = Dispatcher(loadConfig=self.configs.load, router=self.router)
+        self.front = McpFront(
+            authenticator=self.authenticator,
+            dispatcher=self.dispatcher,
+            sessions=self.sessions,
+            clock=clock,
+            healthCheck=lambda: Deferred.fromCoroutine(self.health()),
+            sseKeepalive=settings.sseKeepalive,
+        )
+        self.site = makeSite(self.front.resource(), settings.maxBodySize, clock=clock)
+        self.sessions.sweeperService(settings.sessionSweep).setServiceParent(self)
+        self.pool.service().setServiceParent(self)
+        self.ports: list[IListeningPort] = []
+        self._childrenStarted = False
+        self._starting: Optional[Deferred[None]] = None
+        self._ready = False
+        self._readyWaiters: list[Deferred[None]] = []
+        self._healthCache: Optional[tuple[float, tuple[int, dict[str, Any]]]] = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        # Orphans of an upstream's process group are reparented to the proxy
+        # and reaped by it, instead of staying zombies under an init that
+        # does not reap.
+        setSubreaper(True)
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._startFailed)
+
+    async def _start(self) -> None:
+        delay = 0.5
+        database = self.settings.database.redacted()
+        while self.running:
+            try:
+                await self.repository.start()
+                break
+            except Exception as e:
+                log.error(
+                    "database {database} not ready ({error}); retrying in {delay}s",
+                    database=database,
+                    error=str(e) or e.__class__.__name__,
+                    delay=delay,
+                )
+                await deferLater(self.reactor, delay)
+                delay = min(delay * 2, DB_RETRY_MAX)
+        if not self.running:
+            return
+        self._childrenStarted = True
+        for child in self:
+            child.startService()
+        for description in self.settings.listen:
+            endpoint = serverFromString(self.reactor, description)
+            self.ports.append(await endpoint.listen(self.site))
+        self._ready = True
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        log.info(
+            "mcp-proxy {version} serving on {listen} (database {kind})",
+            version=__version__,
+            listen=", ".join(self.settings.listen),
+            kind=self.repository.kind,
+        )
+
+    def whenReady(self) -> Deferred[None]:
+        """
+        A Deferred firing once the database is ready and every port listens.
+        """
+        d: Deferred[None] = Deferred()
+        if self._ready:
+            d.callback(None)
+        else:
+            self._readyWaiters.append(d)
+        return d
+
+    def _startFailed(self, failure: Any) -> None:
+        log.failure("mcp-proxy could not start", failure)
+        reactor: IReactorCore = self.reactor
+        if reactor.running:
+            reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        self._ready = False
+        ports, self.ports = self.ports, []
+        await DeferredList(
+            [maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
+        )
+        if self._childrenStarted:
+            self._childrenStarted = False
+            stops = [
+                d
+                for d in (child.stopService() for child in reversed(list(self)))
+                if isinstance(d, Deferred)
+            ]
+            await DeferredList(stops, consumeErrors=True)
+        self.front.closeStreams()
+        self.sessions.closeAll()
+        try:
+            await self.pool.stopAll()
+        except Exception:
+            log.failure("stopping the upstream processes failed")
+        try:
+            await self.repository.stop()
+        except Exception:
+            log.failure("closing the database failed")
+        log.info("mcp-proxy stopped")
+
+    # -- health -----------------------------------------------------------
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """
+        The state of the proxy: 200 when the database answers, else 503
+        naming the failing part.  Cached for a second, so that a health
+        check flood cannot load the database.
+        """
+        now = self.reactor.seconds()
+        if self._healthCache is not None and now - self._healthCache[0] < HEALTH_CACHE_SECONDS:
+            return self._healthCache[1]
+        body: dict[str, Any] = {"status": "ok", "version": __version__}
+        status = 200
+        try:
+            d = self.repository.ping()
+            d.addTimeout(HEALTH_DB_TIMEOUT, self.reactor)
+            await d
+            body["database"] = "ok"
+        except TimeoutError:
+            body["database"] = "timeout"
+            status = 503
+        except Exception as e:
+            body["database"] = f"unavailable: {e.__class__.__name__}"
+            status = 503
+        if status != 200:
+            body["status"] = "unavailable"
+            body["failing"] = ["database"]
+        body["databaseKind"] = self.repository.kind
+        body["sessions"] = self.sessions.counts()
+        body["upstreams"] = self.pool.health()
+        self._healthCache = (now, (status, body))
+        return status, body

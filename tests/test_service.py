@@ -1,0 +1,237 @@
+"""
+End-to-end tests of a whole proxy in this process: L{ProxyService} on the
+real reactor, a real SQLite database, real stdio upstream processes
+(examples/echo_server.py), and HTTP over a loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest_twisted
+from attrs import define
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mcp_proxy.config import resolveSettings
+from mcp_proxy.keys import displayApiKey, generateApiKey, hashApiKey
+from mcp_proxy.models import AUTH_API_KEY, STDIO
+from mcp_proxy.service import ProxyService
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = str(ROOT / "examples" / "echo_server.py")
+
+
+@define
+class Proxy:
+    service: ProxyService
+    url: str
+    key: str
+    instanceId: str
+    http: Any
+
+    async def post(self, body: Any, path: str = "/mcp", key: str | None = None) -> tuple[int, Any]:
+        response = await self.http.post(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"X-API-Key": key or self.key, "Content-Type": "application/json"},
+        )
+        content = await response.content()
+        return response.code, json.loads(content) if content else None
+
+    async def call(self, name: str, arguments: dict[str, Any], requestId: Any = 1) -> Any:
+        code, body = await self.post(
+            {
+                "jsonrpc": "2.0",
+                "id": requestId,
+                "method": "tools/call",
+                "params": {"name": name, "arguments": arguments},
+            }
+        )
+        assert code == 200, body
+        return body
+
+    def pids(self) -> list[int]:
+        return [pid for entry in self.service.pool.health() for pid in entry["pids"]]
+
+
+async def makeData(service: ProxyService) -> tuple[str, str, str]:
+    """
+    An organization, the echo server, a config, a tool group with its
+    tools, an instance and a key.
+
+    @return: the key, the instance id, and a second instance's id.
+    """
+    repo = service.repository
+    org = await repo.createOrganization("org")
+    server = await repo.createServer(
+        "echo", STDIO, sys.executable, [ECHO], None, [], "NONE", org.id
+    )
+    config = await repo.createConfig(server.id, "echo", "", {}, org.id)
+    await repo.syncTools(
+        server.id,
+        [
+            ("echo", "Return the text.", {"type": "object"}),
+            ("add", "Add.", {"type": "object"}),
+            ("sleep", "Sleep.", {"type": "object"}),
+        ],
+    )
+    group = await repo.createToolGroup(
+        org.id, "all", "", [(config.id, "echo"), (config.id, "add"), (config.id, "sleep")]
+    )
+    other = await repo.createToolGroup(org.id, "other", "", [(config.id, "echo")])
+    instance = await repo.createInstance(org.id, "demo", "", group.id, AUTH_API_KEY)
+    second = await repo.createInstance(org.id, "second", "", other.id, AUTH_API_KEY)
+    key = generateApiKey()
+    await repo.createApiKey(instance.id, "test", hashApiKey(key), displayApiKey(key), None)
+    return key, instance.id, second.id
+
+
+@pytest_twisted.async_yield_fixture
+async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
+    settings = resolveSettings(
+        {"database": f"sqlite:///{tmp_path}/proxy.sqlite3", "upstream-timeout": "10"},
+        ("tcp:0:interface=127.0.0.1",),
+        environ={},
+    )
+    service = ProxyService(settings, reactor)
+    service.startService()
+    await service.whenReady()
+    key, instanceId, _ = await makeData(service)
+    port = service.ports[0].getHost().port
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 128
+    http = HTTPClient(Agent(reactor, pool=pool))
+    try:
+        yield Proxy(service, f"http://127.0.0.1:{port}", key, instanceId, http)
+    finally:
+        await service.stopService()
+        await pool.closeCachedConnections()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthAndTools(proxy: Proxy) -> None:
+    """
+    /health answers, tools/list aggregates the echo server's tools, and
+    tools/call returns its result.
+    """
+    response = await proxy.http.get(proxy.url + "/health")
+    assert response.code == 200
+    health = json.loads(await response.content())
+    assert health["database"] == "ok"
+    code, body = await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert code == 200
+    assert [t["name"] for t in body["result"]["tools"]] == ["add", "echo", "sleep"]
+    body = await proxy.call("echo", {"text": "hello"})
+    assert body["result"]["content"][0]["text"] == "hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_noDatabaseQueriesAfterWarmup(proxy: Proxy) -> None:
+    """
+    After the first request, tools/list and tools/call make no database
+    query at all.
+    """
+    await proxy.call("echo", {"text": "warm"})
+    await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    before = dict(proxy.service.repository.queryCounts)
+    for i in range(20):
+        await proxy.call("echo", {"text": str(i)})
+        await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert dict(proxy.service.repository.queryCounts) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_hundredConcurrentCallsOneProcess(proxy: Proxy) -> None:
+    """
+    100 concurrent tools/call through one upstream process each get their
+    own answer.
+    """
+    results = await gatherResults(
+        [
+            Deferred.fromCoroutine(proxy.call("echo", {"text": f"message {i}"}, requestId=i))
+            for i in range(100)
+        ]
+    )
+    for i, body in enumerate(results):
+        assert body["id"] == i
+        assert body["result"]["content"][0]["text"] == f"message {i}"
+    assert len(proxy.pids()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_killedUpstreamFailsOnlyItsCalls(proxy: Proxy) -> None:
+    """
+    Killing the upstream process mid-call fails that call with a JSON-RPC
+    error; the next call works (a new process); after the proxy stops no
+    upstream process is left.
+    """
+    await proxy.call("echo", {"text": "start"})
+    [pid] = proxy.pids()
+    slow = Deferred.fromCoroutine(proxy.call("sleep", {"seconds": 30}))
+    while not any(entry["inFlight"] for entry in proxy.service.pool.health()):
+        await deferLater(reactor, 0.01)
+    os.kill(pid, signal.SIGKILL)
+    body = await slow
+    assert "error" in body
+    assert "exited" in body["error"]["message"] or "upstream" in body["error"]["message"]
+    body = await proxy.call("echo", {"text": "again"})
+    assert body["result"]["content"][0]["text"] == "again"
+    [newPid] = proxy.pids()
+    assert newPid != pid
+    await proxy.service.stopService()
+    assert not _alive(newPid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyOfAnotherInstanceAndRevokedKey(proxy: Proxy) -> None:
+    """
+    A key on another instance's URL is refused; so is a revoked key.
+    """
+    instances = await proxy.service.repository.listInstances(None, False)
+    other = next(i for i in instances if i.id != proxy.instanceId)
+    code, body = await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}, f"/mcp/{other.id}")
+    assert code == 401
+    assert body["error"]["message"] == "API key does not match the requested MCP server"
+    revoked = generateApiKey()
+    created = await proxy.service.repository.createApiKey(
+        proxy.instanceId, "revoked", hashApiKey(revoked), displayApiKey(revoked), None
+    )
+    await proxy.service.repository.revokeApiKey(created.id)
+    code, body = await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}, key=revoked)
+    assert code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopLeavesNoProcess(proxy: Proxy) -> None:
+    """
+    Stopping the proxy stops every upstream process it started.
+    """
+    await DeferredList(
+        [Deferred.fromCoroutine(proxy.call("echo", {"text": "x"})) for _ in range(5)]
+    )
+    pids = proxy.pids()
+    assert pids
+    await proxy.service.stopService()
+    assert not any(_alive(pid) for pid in pids)
