@@ -10,6 +10,9 @@ provider with a way to let time pass, for the shared cache contract tests.
 from __future__ import annotations
 
 import datetime
+import os
+import secrets
+import unittest
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from attrs import define, field
@@ -49,6 +52,99 @@ def memoryCacheHarness(defaultTtl: float = 300.0, maxSize: int = 1000) -> CacheH
     """
     clock = Clock()
     return CacheHarness(MemoryCache(clock, maxSize=maxSize, defaultTtl=defaultTtl), clock.advance)
+
+
+#: The environment variable naming the Redis of the tests, and its default.
+REDIS_TEST_URL_VARIABLE = "MCPPROXY_TEST_REDIS_URL"
+DEFAULT_REDIS_TEST_URL = "redis://127.0.0.1:6379/0"
+
+
+def redisTestURL() -> str:
+    """
+    The URL of the Redis the tests use: C{$MCPPROXY_TEST_REDIS_URL}, or
+    C{redis://127.0.0.1:6379/0}.
+    """
+    return os.environ.get(REDIS_TEST_URL_VARIABLE) or DEFAULT_REDIS_TEST_URL
+
+
+def redisCacheHarness(defaultTtl: float = 300.0) -> Deferred[CacheHarness]:
+    """
+    A L{mcp_proxy.cache_redis.RedisCache} on the test Redis (see
+    L{redisTestURL}), under a fresh key prefix, for the cache contract
+    tests.
+
+    Redis expires entries by its own clock, which a test cannot move, so
+    C{advance(seconds)} moves every entry under the prefix C{seconds}
+    closer to its expiry (C{PTTL}, then C{PEXPIRE}, or C{DEL} when none is
+    left).  C{close()} removes the entries and disconnects.
+
+    @return: a Deferred firing with the harness.  When Redis does not
+        answer, it fails with C{unittest.SkipTest} (a skip for pytest and
+        trial), or, when the environment has C{CI=true}, with
+        L{mcp_proxy.cache_redis.RedisUnavailable}.
+    """
+    return Deferred.fromCoroutine(_redisCacheHarness(defaultTtl))
+
+
+# Redis URL to why it could not be reached (None: it answered).
+_redisProbes: dict[str, Optional[str]] = {}
+
+
+async def _redisCacheHarness(defaultTtl: float) -> CacheHarness:
+    from twisted.internet import reactor
+
+    from mcp_proxy.cache_redis import RedisCache, RedisCacheError, RedisUnavailable
+
+    url = redisTestURL()
+    cache = RedisCache.fromURL(
+        url,
+        reactor,
+        prefix=f"mcpproxy-test:{secrets.token_hex(6)}:",
+        defaultTtl=defaultTtl,
+        connectTimeout=5.0,
+        replyTimeout=5.0,
+    )
+    # One probe per URL and process, so that an absent Redis costs its
+    # deadline once, not once per test.
+    if url not in _redisProbes:
+        probe = RedisCache.fromURL(url, reactor, connectTimeout=1.0, replyTimeout=2.0)
+        try:
+            await probe.ping()
+        except RedisCacheError as e:
+            _redisProbes[url] = str(e)
+        else:
+            _redisProbes[url] = None
+        finally:
+            await probe.close()
+    unreachable = _redisProbes[url]
+    if unreachable is not None:
+        await cache.close()
+        if os.environ.get("CI", "").lower() == "true":
+            raise RedisUnavailable(f"{unreachable} (not skipped: CI=true)")
+        raise unittest.SkipTest(f"Redis is unreachable: {unreachable}")
+
+    async def advance(seconds: float) -> None:
+        for key in await cache.ownKeys():
+            left = await cache.execute("PTTL", key)
+            if left < 0:
+                continue
+            rest = left - round(seconds * 1000)
+            if rest > 0:
+                await cache.execute("PEXPIRE", key, rest)
+            else:
+                await cache.execute("DEL", key)
+
+    async def close() -> None:
+        try:
+            await cache.clear()
+        finally:
+            await cache.close()
+
+    return CacheHarness(
+        cache,
+        lambda seconds: Deferred.fromCoroutine(advance(seconds)),
+        lambda: Deferred.fromCoroutine(close()),
+    )
 
 
 @implementer(ICache)
@@ -217,4 +313,6 @@ __all__ = [
     "FakeKeyLookup",
     "FakeUpstreams",
     "memoryCacheHarness",
+    "redisCacheHarness",
+    "redisTestURL",
 ]

@@ -23,10 +23,11 @@ from zope.interface.verify import verifyObject
 from mcp_proxy.cache import MemoryCache, SingleFlight
 from mcp_proxy.interfaces import ICache
 from mcp_proxy.models import InstanceConfig, UpstreamConfig
-from mcp_proxy.testing import CacheHarness, memoryCacheHarness
+from mcp_proxy.testing import CacheHarness, memoryCacheHarness, redisCacheHarness
 
 CACHE_PROVIDERS = [
     pytest.param(memoryCacheHarness, id="memory"),
+    pytest.param(redisCacheHarness, id="redis"),
 ]
 
 HarnessFactory = Callable[..., "Deferred[CacheHarness]"]

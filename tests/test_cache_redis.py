@@ -10,13 +10,37 @@ when it cannot be reached, or fail when C{CI=true}.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
-from typing import Any
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Optional
+from urllib.parse import urlsplit
 
 import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from mcp_proxy.auth import Principal
+from mcp_proxy.auth import Authenticator, Principal
+from mcp_proxy.cache import STAT_NAMES
+from mcp_proxy.cache_redis import (
+    REDIS_STAT_NAMES,
+    RedisCache,
+    RedisCommandError,
+    RedisTimeout,
+    RedisUnavailable,
+)
 from mcp_proxy.cachecodec import (
     CODEC_VERSION,
     DEFAULT_CLASSES,
@@ -27,6 +51,7 @@ from mcp_proxy.cachecodec import (
     className,
     defaultCodec,
 )
+from mcp_proxy.interfaces import ICache
 from mcp_proxy.models import (
     ApiKeyRecord,
     InstanceConfig,
@@ -36,6 +61,7 @@ from mcp_proxy.models import (
     ToolGroupTool,
     UpstreamConfig,
 )
+from mcp_proxy.testing import FakeKeyLookup, redisTestURL
 
 
 def sampleConfig() -> InstanceConfig:
@@ -288,3 +314,652 @@ class CacheCodecTests(SynchronousTestCase):
             self.assertEqual(document["value"]["class"], name)
             with self.assertRaises(UndecodableEntry):
                 self.codec.decode(json.dumps(document).encode())
+
+
+# -- the Redis provider: what needs no server --------------------------------------
+
+
+class RedisURLTests(SynchronousTestCase):
+    """
+    L{RedisCache.fromURL} reads the server, the credentials and the options
+    of a C{redis://} URL, and never shows the password.
+    """
+
+    def test_defaults(self) -> None:
+        """A bare URL means 127.0.0.1:6379, database 0, no credentials, the default prefix."""
+        cache = RedisCache.fromURL("redis://", reactor)
+        self.assertEqual(
+            (cache.host, cache.port, cache.db, cache.username, cache.password, cache.tls),
+            ("127.0.0.1", 6379, 0, None, None, False),
+        )
+        self.assertEqual(cache.prefix, "mcpproxy:")
+        self.assertEqual((cache.connectTimeout, cache.replyTimeout), (2.0, 2.0))
+
+    def test_everything(self) -> None:
+        """Host, port, database, user, password (unquoted) and options are read."""
+        cache = RedisCache.fromURL(
+            "rediss://alice:p%40ss%3Aword@Redis.Example:6380/3"
+            "?prefix=app:&pool_size=4&connect_timeout=0.5&reply_timeout=1.5"
+            "&retry_interval=0&ca=/etc/ca.pem",
+            reactor,
+            defaultTtl=60,
+        )
+        self.assertEqual(
+            (cache.host, cache.port, cache.db, cache.username, cache.password, cache.tls),
+            ("redis.example", 6380, 3, "alice", "p@ss:word", True),
+        )
+        self.assertEqual(cache.prefix, "app:")
+        self.assertEqual(cache.poolSize, 4)
+        self.assertEqual((cache.connectTimeout, cache.replyTimeout), (0.5, 1.5))
+        self.assertEqual(cache.retryInterval, 0)
+        self.assertEqual(cache.caCertificate, "/etc/ca.pem")
+        self.assertEqual(cache.defaultTtl, 60)
+
+    def test_passwordOnly(self) -> None:
+        """C{redis://:PASSWORD@HOST} gives a password and no user."""
+        cache = RedisCache.fromURL("redis://:secret@[::1]:7000", reactor)
+        self.assertEqual((cache.host, cache.port), ("::1", 7000))
+        self.assertEqual((cache.username, cache.password), (None, "secret"))
+
+    def test_queryWinsOverKeywords(self) -> None:
+        """The URL's options win over the caller's keyword arguments."""
+        cache = RedisCache.fromURL("redis://h/0?prefix=fromurl:", reactor, prefix="fromcode:")
+        self.assertEqual(cache.prefix, "fromurl:")
+        self.assertEqual(RedisCache.fromURL("redis://h", reactor, prefix="c:").prefix, "c:")
+
+    def test_redactedURL(self) -> None:
+        """The C{url} of a cache, for logs and errors, hides the password."""
+        cache = RedisCache.fromURL("redis://bob:hunter2@h:1/2", reactor)
+        self.assertEqual(cache.url, "redis://bob:***@h:1/2")
+        self.assertNotIn("hunter2", repr(cache))
+        self.assertEqual(RedisCache.fromURL("rediss://[::1]", reactor).url, "rediss://[::1]:6379/0")
+
+    def test_badURLs(self) -> None:
+        """Unusable URLs are refused with a message that never holds the password."""
+        for url in (
+            "http://:pw1234@h",
+            "redis://:pw1234@h:notaport",
+            "redis://:pw1234@h:99999",
+            "redis://:pw1234@h/zero",
+            "redis://:pw1234@h/0/1",
+            "redis://:pw1234@h/0?unknown=1",
+            "redis://:pw1234@h/0?pool_size=many",
+            "redis://:pw1234@h/0?pool_size=0",
+            "redis://:pw1234@h/0?reply_timeout=0",
+            "redis://:pw1234@h/0?connect_timeout=-1",
+            "redis://:pw1234@h/0?prefix=",
+            "redis://:pw1234@h/0?ca=/x.pem",
+            "redis://:pw1234@h/0#frag",
+        ):
+            with self.assertRaises(ValueError, msg=url) as caught:
+                RedisCache.fromURL(url, reactor)
+            self.assertNotIn("pw1234", str(caught.exception))
+
+    def test_emptyPrefixRefused(self) -> None:
+        """An empty prefix is refused: C{clear} would empty the database."""
+        self.assertRaises(ValueError, RedisCache, reactor, prefix="")
+
+    def test_noConnectionUntilUsed(self) -> None:
+        """Making a cache connects nothing; closing an unused one is immediate."""
+        cache = RedisCache(reactor, port=1)
+        self.assertIsNone(cache._factory)
+        self.successResultOf(cache.close())
+
+    def test_providesICache(self) -> None:
+        """L{RedisCache} provides L{ICache} and has the counters of L{MemoryCache}."""
+        cache = RedisCache(reactor)
+        self.assertTrue(verifyObject(ICache, cache))
+        self.assertEqual(set(cache.stats), set(REDIS_STAT_NAMES))
+        self.assertTrue(set(STAT_NAMES) <= set(cache.stats))
+
+    def test_refusedBeforeRedis(self) -> None:
+        """None values, NaN ttls, unencodable values and a str of keys fail at once."""
+        cache = RedisCache(reactor, port=1)
+        self.failureResultOf(cache.set("k", None), ValueError)
+        self.failureResultOf(cache.set("k", 1, float("nan")), ValueError)
+        self.failureResultOf(cache.set("k", object()), UnencodableValue)
+        self.failureResultOf(cache.delete("ab"), TypeError)
+        self.assertIsNone(self.successResultOf(cache.delete([])))
+        self.assertIsNone(cache._factory)
+
+
+# -- the Redis provider on a real Redis --------------------------------------------
+
+#: Seconds a test waits for something that should happen much sooner.
+PATIENCE = 10.0
+
+
+@functools.lru_cache(maxsize=1)
+def _probeRedis() -> Optional[str]:
+    """
+    Why the test Redis cannot be reached, or C{None} when it answers.
+    """
+    parts = urlsplit(redisTestURL())
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2):
+            pass
+    except OSError as e:
+        return f"Redis ({RedisCache.fromURL(redisTestURL(), reactor).url}) is unreachable: {e}"
+    return None
+
+
+def requireRedis() -> str:
+    """
+    The URL of the test Redis; skip the test (fail it when C{CI=true}) when
+    it cannot be reached.
+    """
+    problem = _probeRedis()
+    if problem is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return redisTestURL()
+
+
+def newCache(**kwargs: Any) -> RedisCache:
+    """
+    A cache on the test Redis under a fresh prefix (or C{kwargs["prefix"]}).
+    """
+    kwargs.setdefault("prefix", f"mcpproxy-test:{secrets.token_hex(6)}:")
+    return RedisCache.fromURL(requireRedis(), reactor, **kwargs)
+
+
+@pytest_twisted.async_yield_fixture
+async def redisCache() -> AsyncIterator[RedisCache]:
+    """
+    A L{RedisCache} on the test Redis under a fresh prefix; its keys are
+    removed after the test.
+    """
+    cache = newCache()
+    yield cache
+    await cache.clear()
+    await cache.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def observer() -> AsyncIterator[RedisCache]:
+    """
+    A second, independent connection to the test Redis, to look at what a
+    cache wrote and to run administrative commands.
+    """
+    cache = newCache(prefix="mcpproxy-test-observer:", poolSize=1)
+    yield cache
+    await cache.close()
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keysNamespacedAndEncoded(redisCache: RedisCache, observer: RedisCache) -> None:
+    """An entry is the codec's bytes under the prefixed key."""
+    await redisCache.set("config:inst1", sampleConfig(), 30)
+    raw = await observer.execute("GET", redisCache.prefix + "config:inst1")
+    assert raw == defaultCodec().encode(sampleConfig())
+    assert await observer.execute("EXISTS", "config:inst1") == 0
+    assert await redisCache.get("config:inst1") == sampleConfig()
+    assert await redisCache.ownKeys() == [(redisCache.prefix + "config:inst1").encode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_setUsesMillisecondExpiry(redisCache: RedisCache, observer: RedisCache) -> None:
+    """C{set} sends the ttl in milliseconds (C{PX}); infinity means no expiry."""
+    cases: list[tuple[Optional[float], int, int]] = [
+        (2, 1900, 2000),
+        (1.5, 1400, 1500),
+        (None, 299_000, 300_000),
+    ]
+    for ttl, low, high in cases:
+        await redisCache.set("k", "v", ttl)
+        pttl = await observer.execute("PTTL", redisCache.keyFor("k"))
+        assert low < pttl <= high, (ttl, pttl)
+    await redisCache.set("k", "v", float("inf"))
+    assert await observer.execute("PTTL", redisCache.keyFor("k")) == -1
+
+
+@pytest_twisted.ensureDeferred
+async def test_redisExpiresEntries(redisCache: RedisCache) -> None:
+    """Redis itself drops an entry when its ttl has passed: it then reads as a miss."""
+    await redisCache.set("k", "v", 0.3)
+    started = time.monotonic()
+    assert await redisCache.get("k") == "v"
+    while await redisCache.get("k") is not None:
+        assert time.monotonic() - started < PATIENCE, "the entry never expired"
+        await sleep(0.05)
+    assert time.monotonic() - started >= 0.25
+
+
+@pytest_twisted.ensureDeferred
+async def test_zeroTtlDeletes(redisCache: RedisCache, observer: RedisCache) -> None:
+    """A ttl of 0 or less removes the key from Redis."""
+    await redisCache.set("k", "v", None)
+    await redisCache.set("k", "v2", -1)
+    assert await observer.execute("EXISTS", redisCache.keyFor("k")) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_clearOnlyOwnPrefix(observer: RedisCache) -> None:
+    """C{clear} removes the keys of its prefix, in batches, and no other key."""
+    token = secrets.token_hex(4)
+    # The prefix holds glob characters; unescaped, its pattern would also
+    # match the neighbours below.
+    cache = newCache(prefix=f"mcpproxy-test:{token}:[a]*?\\:")
+    neighbours = [
+        f"mcpproxy-test:{token}:a-x:k",
+        f"mcpproxy-test:{token}:[a]x?\\:k",
+        f"mcpproxy-test:{token}:k",
+    ]
+    try:
+        for name in neighbours:
+            await observer.execute("SET", name, b"keep", "PX", 60_000)
+        await defer.gatherResults([cache.set(f"k{i}", i, 60) for i in range(1200)])
+        assert len(await cache.ownKeys()) == 1200
+        await cache.clear()
+        assert await cache.ownKeys() == []
+        for name in neighbours:
+            assert await observer.execute("GET", name) == b"keep", name
+    finally:
+        await observer.execute("DEL", *neighbours)
+        await cache.clear()
+        await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleteMany(redisCache: RedisCache) -> None:
+    """C{delete} removes many keys (several C{DEL}s) and counts those that existed."""
+    keys = [f"auth:{i}" for i in range(1100)]
+    await defer.gatherResults([redisCache.set(k, {"n": 1}, 60) for k in keys])
+    await redisCache.delete([*keys, "auth:absent"])
+    assert redisCache.stats["deletes"] == 1100
+    assert await redisCache.ownKeys() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_undecodableIsMiss(redisCache: RedisCache, observer: RedisCache) -> None:
+    """Bytes the codec refuses (garbage, an unknown tag, another version) read as misses."""
+    entries = [
+        b"\x80\x04\x95garbage",
+        b'{"mcpcache":1,"value":{"$t":"attrs","class":"os.system","fields":{}}}',
+        b'{"mcpcache":2,"value":1}',
+    ]
+    for raw in entries:
+        await observer.execute("SET", redisCache.keyFor("auth:x"), raw, "PX", 60_000)
+        assert await redisCache.get("auth:x") is None
+    assert redisCache.stats["undecodable"] == 3
+    assert redisCache.stats["misses"] == 3
+    assert redisCache.stats["hits"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrentOperations(redisCache: RedisCache) -> None:
+    """Many operations in flight at once (pipelined on the pool) all get their own answer."""
+    await defer.gatherResults([redisCache.set(f"k{i}", {"i": i}, 60) for i in range(500)])
+    values = await defer.gatherResults([redisCache.get(f"k{i}") for i in range(500)])
+    assert values == [{"i": i} for i in range(500)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pingAndClose() -> None:
+    """C{ping} answers; after C{close}, operations fail with L{RedisUnavailable}."""
+    cache = newCache()
+    assert await cache.ping() is None
+    await cache.close()
+    with pytest.raises(RedisUnavailable, match="closed"):
+        await cache.get("k")
+    assert await cache.close() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_commandErrors(redisCache: RedisCache, observer: RedisCache) -> None:
+    """An error answered by Redis fails with L{RedisCommandError}, and does not fail fast."""
+    await observer.execute("LPUSH", redisCache.keyFor("list"), b"x")
+    with pytest.raises(RedisCommandError, match="WRONGTYPE"):
+        await redisCache.get("list")
+    assert await redisCache.get("other") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnectAfterKill(observer: RedisCache) -> None:
+    """After Redis drops the connection (C{CLIENT KILL}), the cache reconnects by itself."""
+    cache = newCache(poolSize=1, retryInterval=0.1)
+    try:
+        await cache.set("k", "v", 60)
+        before = await cache.execute("CLIENT", "ID")
+        assert await observer.execute("CLIENT", "KILL", "ID", before) == 1
+        started = time.monotonic()
+        while True:
+            try:
+                value = await cache.get("k")
+                break
+            except RedisUnavailable:
+                assert time.monotonic() - started < PATIENCE, "never reconnected"
+                await sleep(0.1)
+        assert value == "v"
+        assert await cache.execute("CLIENT", "ID") != before
+    finally:
+        await cache.clear()
+        await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rebuildAfterHandshakeFailure(observer: RedisCache) -> None:
+    """
+    When C{AUTH} fails, txredisapi stops reconnecting; the cache reports it
+    and starts a new pool later, which works once the user exists.
+    """
+    user, password = f"mcpproxy-test-{secrets.token_hex(4)}", secrets.token_hex(8)
+    parts = urlsplit(requireRedis())
+    url = f"redis://{user}:{password}@{parts.hostname}:{parts.port or 6379}/0"
+    cache = RedisCache.fromURL(
+        f"{url}?connect_timeout=0.5&reply_timeout=0.5&retry_interval=0.1",
+        reactor,
+        prefix=f"mcpproxy-test:{secrets.token_hex(6)}:",
+        rebuildInterval=0.2,
+    )
+    try:
+        with pytest.raises(RedisUnavailable, match="could not auth") as caught:
+            await cache.get("k")
+        assert password not in str(caught.value)
+        with pytest.raises(RedisUnavailable, match="could not auth"):
+            await cache.get("k")
+        try:
+            await observer.execute("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
+        except RedisCommandError as e:
+            pytest.skip(f"the test Redis does not allow ACL SETUSER: {e}")
+        started = time.monotonic()
+        while True:
+            try:
+                await cache.set("k", "v", 60)
+                break
+            except RedisUnavailable:
+                assert time.monotonic() - started < PATIENCE, "never recovered"
+                await sleep(0.1)
+        assert await cache.get("k") == "v"
+    finally:
+        await observer.execute("ACL", "DELUSER", user)
+        await cache.close()
+        cleanup = newCache(prefix=cache.prefix)
+        await cleanup.clear()
+        await cleanup.close()
+
+
+# -- unreachable and silent servers --------------------------------------------------
+
+
+class BlackHole(Protocol):
+    """
+    Accepts a connection and never answers.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.transports.append(self.transport)  # type: ignore[attr-defined]
+
+
+@pytest_twisted.async_yield_fixture
+async def blackHole() -> AsyncIterator[int]:
+    """
+    The port of a TCP server on loopback that accepts connections, reads
+    what it is sent, and never answers.
+    """
+    factory = Factory.forProtocol(BlackHole)
+    factory.transports = []  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield port.getHost().port
+    await port.stopListening()
+    for transport in factory.transports:  # type: ignore[attr-defined]
+        transport.abortConnection()
+
+
+def closedPort() -> int:
+    """
+    A loopback port on which nothing listens.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def timed(d: Deferred[Any]) -> tuple[Any, float]:
+    """
+    The failure (or result) of C{d}, and how many seconds it took.
+    """
+    started = time.monotonic()
+    try:
+        result = await d
+    except Exception as e:
+        result = e
+    return result, time.monotonic() - started
+
+
+@pytest_twisted.ensureDeferred
+async def test_silentServerTimesOut(blackHole: int) -> None:
+    """
+    A server that never answers makes C{get} fail with L{RedisTimeout}
+    within the reply timeout; then operations fail at once for a while.
+    """
+    cache = RedisCache(
+        reactor, port=blackHole, connectTimeout=1.0, replyTimeout=0.3, retryInterval=5
+    )
+    try:
+        error, took = await timed(cache.get("k"))
+        assert isinstance(error, RedisTimeout), error
+        assert "no reply within 0.3 s" in str(error)
+        assert 0.25 <= took < 0.3 + 0.7
+        error, took = await timed(cache.set("k", "v", 10))
+        assert isinstance(error, RedisUnavailable), error
+        assert "SET not sent: failing fast after GET: no reply" in str(error)
+        assert took < 0.1
+        assert cache.stats["errors"] == 2
+    finally:
+        await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_silentServerDuringHandshake(blackHole: int) -> None:
+    """A server that never answers the C{SELECT} of the handshake cannot hold C{get} either."""
+    cache = RedisCache(reactor, port=blackHole, db=3, connectTimeout=0.3, replyTimeout=0.3)
+    try:
+        error, took = await timed(cache.get("k"))
+        assert isinstance(error, RedisTimeout), error
+        assert took < 0.6 + 0.7
+    finally:
+        await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_downServerFailsFast() -> None:
+    """
+    With nothing listening, the first operation fails after the connect
+    deadline, the next ones at once, each with a clear error.
+    """
+    cache = RedisCache.fromURL(
+        f"redis://:pw5678@127.0.0.1:{closedPort()}/0?connect_timeout=0.3&reply_timeout=0.3",
+        reactor,
+    )
+    try:
+        error, took = await timed(cache.get("k"))
+        assert isinstance(error, RedisTimeout), error
+        assert "no connection within 0.6 s" in str(error)
+        assert "redis://:***@127.0.0.1" in str(error)
+        assert "pw5678" not in str(error)
+        assert took < 0.6 + 0.7
+        for operation in (cache.get("k"), cache.set("k", 1), cache.delete(["k"]), cache.clear()):
+            error, took = await timed(operation)
+            assert isinstance(error, RedisUnavailable), error
+            assert took < 0.1
+    finally:
+        await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticatorSurvivesRedisDown() -> None:
+    """
+    With Redis down, the authenticator treats the cache failures as misses
+    and still authenticates from the database.
+    """
+    cache = RedisCache(reactor, port=closedPort(), connectTimeout=0.2, replyTimeout=0.2)
+    lookup = FakeKeyLookup()
+    lookup.addKey(
+        "mcp_key", ApiKeyRecord("key1", "inst1", "org1", "API_KEY", True, None, False, True)
+    )
+    authenticator = Authenticator(lookup=lookup, cache=cache, clock=reactor)
+    try:
+        for _ in range(3):
+            principal = await authenticator.authenticate("mcp_key", "inst1")
+            assert principal.keyId == "key1"
+        assert lookup.calls["lookupApiKey"] == 3
+    finally:
+        await cache.close()
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+
+def writeCertificates(directory: Path) -> tuple[Path, Path, Path]:
+    """
+    A CA, and a server certificate it signed for the name C{localhost}
+    only, as PEM files.
+
+    @return: the paths of the CA certificate, the server certificate and
+        the server key.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("mcp-proxy test CA"))
+        .issuer_name(name("mcp-proxy test CA"))
+        .public_key(caKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(caKey, hashes.SHA256())
+    )
+    serverKey = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(serverKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(caKey, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        serverKey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.fixture
+def tlsRedis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """
+    A Redis server of our own speaking only TLS on a loopback port, with a
+    certificate for C{localhost}; skipped when C{redis-server} is missing
+    or was built without TLS.
+
+    @return: its port and the path of its CA certificate.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    caPath, certPath, keyPath = writeCertificates(tmp_path)
+    port = closedPort()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(certPath),
+            "--tls-key-file",
+            str(keyPath),
+            "--tls-ca-cert-file",
+            str(caPath),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                pytest.skip(f"redis-server cannot serve TLS here: {output[-300:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start listening"
+                time.sleep(0.05)
+        yield port, caPath
+    finally:
+        process.terminate()
+        process.wait(PATIENCE)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsWithCA(tlsRedis: tuple[int, Path]) -> None:
+    """C{rediss://} with the server's CA connects, and the cache works through TLS."""
+    port, ca = tlsRedis
+    cache = RedisCache.fromURL(f"rediss://localhost:{port}/0?ca={ca}", reactor)
+    try:
+        await cache.set("config:inst1", sampleConfig(), 30)
+        assert await cache.get("config:inst1") == sampleConfig()
+    finally:
+        await cache.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsVerifiesCertificate(tlsRedis: tuple[int, Path]) -> None:
+    """
+    C{rediss://} refuses a server whose certificate is not signed by a
+    trusted CA, or is not for the host name of the URL.
+    """
+    port, ca = tlsRedis
+    for url, why in (
+        (f"rediss://localhost:{port}/0", "certificate verify failed"),
+        (f"rediss://127.0.0.1:{port}/0?ca={ca}", "IPAddressMismatch"),
+    ):
+        cache = RedisCache.fromURL(
+            url, reactor, connectTimeout=1.0, replyTimeout=1.0, retryInterval=0
+        )
+        try:
+            with pytest.raises(RedisUnavailable, match=why):
+                await cache.ping()
+        finally:
+            await cache.close()
