@@ -134,6 +134,9 @@ class CacheCodec:
 
     classes: dict[str, type] = field(factory=dict)
     _names: dict[type, str] = field(factory=dict, init=False)
+    # class -> field name -> its __init__ argument name, or None when the
+    # field is not set by __init__.
+    _fields: dict[type, dict[str, Optional[str]]] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         registered, self.classes = self.classes, {}
@@ -160,6 +163,9 @@ class CacheCodec:
             raise ValueError(f"the codec name {name!r} is already taken by {existing!r}")
         self.classes[name] = cls
         self._names[cls] = name
+        self._fields[cls] = {
+            f.name: (f.alias or f.name) if f.init else None for f in attrs.fields(cls)
+        }
         return cls
 
     # -- encoding -------------------------------------------------------------
@@ -195,7 +201,7 @@ class CacheCodec:
             return {_TAG: "bytes", "b64": base64.b64encode(value).decode("ascii")}
         name = self._names.get(kind)
         if name is not None:
-            fields = {f.name: self._tree(getattr(value, f.name)) for f in attrs.fields(kind)}
+            fields = {f: self._tree(getattr(value, f)) for f in self._fields[kind]}
             return {_TAG: "attrs", "class": name, "fields": fields}
         if isinstance(value, Mapping):
             if all(type(k) is str for k in value) and _TAG not in value:
@@ -274,16 +280,15 @@ class CacheCodec:
         stored = tree.get("fields")
         if not isinstance(stored, dict):
             raise UndecodableEntry(f"cache entry of {name} has no fields")
-        known = {f.name: f for f in attrs.fields(cls)}
-        unknown = set(stored) - set(known)
-        if unknown:
-            raise UndecodableEntry(f"cache entry of {name} has unknown fields {sorted(unknown)}")
+        known = self._fields[cls]
         kwargs: dict[str, Any] = {}
         for fieldName, value in stored.items():
-            attribute = known[fieldName]
-            if not attribute.init:
-                continue
-            kwargs[attribute.alias or fieldName] = self._value(value)
+            if fieldName not in known:
+                unknown = sorted(set(stored) - set(known))
+                raise UndecodableEntry(f"cache entry of {name} has unknown fields {unknown}")
+            argument = known[fieldName]
+            if argument is not None:
+                kwargs[argument] = self._value(value)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:
