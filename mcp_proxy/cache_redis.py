@@ -222,6 +222,18 @@ class RedisCache:
     # Why the last connection was lost.
     _lostBecause: str = field(default="", init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
+    _trustRoot: Optional[Certificate] = field(default=None, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.caCertificate is None:
+            return
+        if not self.tls:
+            raise ValueError("a CA certificate is only used with TLS (rediss://)")
+        try:
+            with open(self.caCertificate, "rb") as pem:
+                self._trustRoot = Certificate.loadPEM(pem.read())
+        except Exception as e:
+            raise ValueError(f"cannot read the CA certificate {self.caCertificate!r}: {e}")
 
     @classmethod
     def fromURL(cls, url: str, reactor: Any, **kwargs: Any) -> RedisCache:
@@ -262,8 +274,6 @@ class RedisCache:
                 options[attribute] = _number(name, value, float)
             else:
                 options[attribute] = value
-        if "caCertificate" in options and scheme != "rediss":
-            raise ValueError("the Redis URL option 'ca' needs rediss://")
         settings: dict[str, Any] = {**kwargs, **options}
         settings.update(
             host=parts.hostname or "127.0.0.1",
@@ -366,7 +376,10 @@ class RedisCache:
         """
         if isinstance(keys, str):
             return fail(TypeError("delete() takes an iterable of keys, not a str"))
-        redisKeys = [self.keyFor(key) for key in keys]
+        try:
+            redisKeys = [self.keyFor(key) for key in keys]
+        except TypeError as e:
+            return fail(e)
         if not redisKeys:
             return succeed(None)
         return Deferred.fromCoroutine(self._delete(redisKeys))
@@ -443,7 +456,12 @@ class RedisCache:
         if self._closed:
             self.stats["errors"] += 1
             return fail(RedisUnavailable(f"the Redis cache for {self.url} is closed"))
-        factory = self._pool()
+        try:
+            factory = self._pool()
+        except Exception as e:
+            self.stats["errors"] += 1
+            log.failure("cannot set up the Redis connections of {url}", url=self.url)
+            return fail(RedisCacheError(f"Redis at {self.url}: cannot connect: {e}"))
         if self._failedAt is not None and (
             factory.size == 0 or self.reactor.seconds() < self._failedAt + self.retryInterval
         ):
@@ -526,11 +544,7 @@ class RedisCache:
         )
         if not self.tls:
             return endpoint
-        trustRoot = None
-        if self.caCertificate is not None:
-            with open(self.caCertificate, "rb") as pem:
-                trustRoot = Certificate.loadPEM(pem.read())
-        return wrapClientTLS(optionsForClientTLS(self.host, trustRoot=trustRoot), endpoint)
+        return wrapClientTLS(optionsForClientTLS(self.host, trustRoot=self._trustRoot), endpoint)
 
     def _poolFailed(self, failure: Failure, factory: Any) -> None:
         if factory is not self._factory:
@@ -564,6 +578,9 @@ class RedisCache:
         return reply
 
     def _failed(self, failure: Failure, command: str, deadline: float, factory: Any) -> Failure:
+        if failure.check(CancelledError):
+            # Cancelled by the caller: neither Redis's fault nor ours.
+            return failure
         self.stats["errors"] += 1
         if failure.check(DeadlineExceeded):
             if factory.size == 0:
@@ -593,9 +610,7 @@ class RedisCache:
             return Failure(
                 RedisCacheError(f"Redis at {self.url}: {command}: {failure.getErrorMessage()}")
             )
-        # The caller's cancellation, or a bug: as it is.
-        if not failure.check(CancelledError):
-            log.failure("Redis command {command} failed unexpectedly", failure, command=command)
+        log.failure("Redis command {command} failed unexpectedly", failure, command=command)
         return failure
 
     def _unavailable(self, command: str, what: str, timeout: bool = False) -> Failure:

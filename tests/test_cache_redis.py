@@ -340,7 +340,7 @@ class RedisURLTests(SynchronousTestCase):
         cache = RedisCache.fromURL(
             "rediss://alice:p%40ss%3Aword@Redis.Example:6380/3"
             "?prefix=app:&pool_size=4&connect_timeout=0.5&reply_timeout=1.5"
-            "&retry_interval=0&ca=/etc/ca.pem",
+            "&retry_interval=0",
             reactor,
             defaultTtl=60,
         )
@@ -352,7 +352,6 @@ class RedisURLTests(SynchronousTestCase):
         self.assertEqual(cache.poolSize, 4)
         self.assertEqual((cache.connectTimeout, cache.replyTimeout), (0.5, 1.5))
         self.assertEqual(cache.retryInterval, 0)
-        self.assertEqual(cache.caCertificate, "/etc/ca.pem")
         self.assertEqual(cache.defaultTtl, 60)
 
     def test_passwordOnly(self) -> None:
@@ -389,6 +388,7 @@ class RedisURLTests(SynchronousTestCase):
             "redis://:pw1234@h/0?connect_timeout=-1",
             "redis://:pw1234@h/0?prefix=",
             "redis://:pw1234@h/0?ca=/x.pem",
+            "rediss://:pw1234@h/0?ca=/no/such/ca.pem",
             "redis://:pw1234@h/0#frag",
         ):
             with self.assertRaises(ValueError, msg=url) as caught:
