@@ -620,11 +620,11 @@ class RedisCache:
         return Failure(kind(f"Redis at {self.url}: {command}: {what}"))
 
 
-#: The C{configs} option of the C{"redis"} backend: share the cached
-#: instance configurations (with their upstream secrets) in Redis, or keep
-#: them in each process.
-CONFIGS_SHARED = "shared"
+#: The C{configs} option of the C{"redis"} backend: keep the cached
+#: instance configurations (which hold upstream secrets) in each process
+#: (the default), or share them in Redis.
 CONFIGS_LOCAL = "local"
+CONFIGS_SHARED = "shared"
 
 
 def buildRedisCache(args: str, reactor: Any, defaults: CacheDefaults) -> ICache:
@@ -633,17 +633,20 @@ def buildRedisCache(args: str, reactor: Any, defaults: CacheDefaults) -> ICache:
     L{RedisCache} for the URL C{args} (see L{RedisCache.fromURL}), whose
     default ttl is C{defaults.defaultTtl}.
 
-    The URL may also carry C{configs=local}: then the keys under
+    The URL may also carry C{configs=local} (the default) or
+    C{configs=shared}.  With C{local}, the keys under
     L{mcp_proxy.auth.CONFIG_CACHE_PREFIX} (instance configurations, which
     hold upstream secrets) stay in an in-process L{MemoryCache} of
-    C{defaults.maxSize} entries instead of Redis, through a
-    L{RoutedCache}.  C{configs=shared} (the default) keeps them in Redis.
+    C{defaults.maxSize} entries, through a L{RoutedCache}, and only the
+    other keys (API-key lookups) go to Redis: secrets are not copied into
+    Redis, and reading a configuration costs no round trip and no
+    decoding.  With C{shared}, everything goes to Redis.
 
     @raise ValueError: when the URL or an option is not usable.
     """
     if not args.strip().lower().startswith(("redis://", "rediss://")):
         raise ValueError("expected a redis:// or rediss:// URL")
-    url, configs = _takeOption(args, "configs", CONFIGS_SHARED)
+    url, configs = _takeOption(args, "configs", CONFIGS_LOCAL)
     if configs not in (CONFIGS_SHARED, CONFIGS_LOCAL):
         raise ValueError(
             f"configs must be {CONFIGS_SHARED!r} or {CONFIGS_LOCAL!r}, not {configs!r}"

@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Optional
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import attrs
 import pytest
@@ -51,6 +51,7 @@ from mcp_proxy.cachecodec import (
     className,
     defaultCodec,
 )
+from mcp_proxy.cacheplugins import closeCache, openCache
 from mcp_proxy.interfaces import ICache
 from mcp_proxy.models import (
     ApiKeyRecord,
@@ -963,3 +964,34 @@ async def test_tlsVerifiesCertificate(tlsRedis: tuple[int, Path]) -> None:
                 await cache.ping()
         finally:
             await cache.close()
+
+
+# -- the "redis" backend of --cache ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_backendKeepsConfigsLocal(observer: RedisCache) -> None:
+    """
+    Through C{--cache redis://...}, API-key entries go to Redis while the
+    instance configurations (with their secrets) never do, unless
+    C{configs=shared}.
+    """
+    prefix = f"mcpproxy-test:{secrets.token_hex(6)}:"
+    url = f"{requireRedis()}?prefix={quote(prefix)}"
+    entry = {"v": 1, "found": False}
+    local = openCache(url, reactor)
+    shared = openCache(f"{url}&configs=shared", reactor)
+    try:
+        await local.set("config:inst1", sampleConfig(), 60)
+        await local.set("auth:hash1", entry, 60)
+        assert await local.get("config:inst1") == sampleConfig()
+        assert await observer.execute("EXISTS", prefix + "config:inst1") == 0
+        assert await observer.execute("EXISTS", prefix + "auth:hash1") == 1
+        assert await shared.get("auth:hash1") == entry
+        assert await shared.get("config:inst1") is None
+        await shared.set("config:inst1", sampleConfig(), 60)
+        assert await observer.execute("EXISTS", prefix + "config:inst1") == 1
+    finally:
+        await shared.clear()
+        await closeCache(local)
+        await closeCache(shared)

@@ -209,32 +209,36 @@ class BuiltInBackendTests(SynchronousTestCase):
         self.assertRaises(CacheSpecError, openCache, "memory:big", Clock())
 
     def test_redisURL(self) -> None:
-        """A C{redis://} value gives a L{RedisCache} for it, with the given default ttl."""
-        cache = openCache("redis://:pw@127.0.0.1:6390/2?prefix=p:", reactor, defaultTtl=42)
+        """
+        A C{redis://} value with C{configs=shared} gives a L{RedisCache} for
+        it, with the given default ttl.
+        """
+        cache = openCache(
+            "redis://:pw@127.0.0.1:6390/2?prefix=p:&configs=shared", reactor, defaultTtl=42
+        )
         assert isinstance(cache, RedisCache)
         self.assertTrue(verifyObject(ICache, cache))
         self.assertEqual((cache.port, cache.db, cache.password), (6390, 2, "pw"))
         self.assertEqual((cache.prefix, cache.defaultTtl, cache.tls), ("p:", 42, False))
-        tls = openCache("rediss://h", reactor)
+        tls = openCache("rediss://h?configs=shared", reactor)
         assert isinstance(tls, RedisCache)
         self.assertTrue(tls.tls)
 
     def test_redisConfigsLocal(self) -> None:
         """
-        C{configs=local} keeps the instance configurations in this process
-        and shares the rest through Redis.
+        By default (C{configs=local}), the instance configurations stay in
+        this process and the rest is shared through Redis.
         """
-        cache = openCache("redis://h/0?configs=local&prefix=p:", Clock(), maxSize=5)
-        assert isinstance(cache, RoutedCache)
-        self.assertTrue(verifyObject(ICache, cache))
-        local = cache.cacheFor("config:inst1")
-        assert isinstance(local, MemoryCache)
-        self.assertEqual(local.maxSize, 5)
-        shared = cache.cacheFor("auth:hash")
-        assert isinstance(shared, RedisCache)
-        self.assertEqual(shared.prefix, "p:")
-        shared = openCache("redis://h/0?configs=shared", reactor)
-        self.assertIsInstance(shared, RedisCache)
+        for spec in ("redis://h/0?prefix=p:", "redis://h/0?configs=local&prefix=p:"):
+            cache = openCache(spec, Clock(), maxSize=5, defaultTtl=9)
+            assert isinstance(cache, RoutedCache)
+            self.assertTrue(verifyObject(ICache, cache))
+            local = cache.cacheFor("config:inst1")
+            assert isinstance(local, MemoryCache)
+            self.assertEqual((local.maxSize, local.defaultTtl), (5, 9))
+            shared = cache.cacheFor("auth:hash")
+            assert isinstance(shared, RedisCache)
+            self.assertEqual((shared.prefix, shared.defaultTtl), ("p:", 9))
 
     def test_redisRefusals(self) -> None:
         """Bad Redis values are refused as settings errors that never show the password."""
