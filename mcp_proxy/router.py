@@ -180,6 +180,13 @@ class Router:
         self._routeTables.pop(instanceId, None)
         self._catalogs.pop(instanceId, None)
 
+    def invalidateAll(self) -> None:
+        """
+        Forget every cached route table and catalog.
+        """
+        self._routeTables.clear()
+        self._catalogs.clear()
+
     def callTool(self, config: InstanceConfig, params: Mapping[str, Any]) -> Deferred[Any]:
         """
         Send a C{tools/call} to the upstream that owns the tool.

@@ -25,6 +25,7 @@ from mcp_proxy.config import Settings
 from mcp_proxy.dispatch import Dispatcher
 from mcp_proxy.httpserver import makeSite
 from mcp_proxy.interfaces import IRepository
+from mcp_proxy.invalidation import InvalidatingRepository, Invalidator
 from mcp_proxy.repository import openRepository
 from mcp_proxy.router import Router
 from mcp_proxy.session import SessionTable
@@ -108,6 +109,17 @@ class ProxyService(MultiService):
             healthCheck=lambda: Deferred.fromCoroutine(self.health()),
             sseKeepalive=settings.sseKeepalive,
         )
+        self.invalidator = Invalidator(
+            authenticator=self.authenticator,
+            configs=self.configs,
+            configCache=self.configCache,
+            authCache=self.authCache,
+            router=self.router,
+            sessions=self.sessions,
+        )
+        # Admin work done in this process goes through here, so that the
+        # caches drop what it makes stale at once.
+        self.admin: IRepository = InvalidatingRepository(self.repository, self.invalidator)
         self.site = makeSite(self.front.resource(), settings.maxBodySize, clock=clock)
         self.sessions.sweeperService(settings.sessionSweep).setServiceParent(self)
         self.pool.service().setServiceParent(self)

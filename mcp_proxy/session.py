@@ -320,6 +320,17 @@ class SessionTable:
         done = [self._close(session, reason) for session in list(self._sessions.values())]
         return gatherResults(done).addCallback(lambda _: None)
 
+    def closeWhere(self, predicate: Callable[[Session], bool], reason: str) -> Deferred[None]:
+        """
+        Close the sessions for which C{predicate} is true (e.g. those of a
+        revoked key or a deleted instance).
+
+        @return: a Deferred firing when their close callbacks have finished.
+        """
+        chosen = [session for session in self._sessions.values() if predicate(session)]
+        done = [self._close(session, reason) for session in chosen]
+        return gatherResults(done).addCallback(lambda _: None)
+
     def sweep(self) -> int:
         """
         Close the sessions idle for longer than L{timeout}.  Errors are

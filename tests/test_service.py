@@ -20,8 +20,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface.verify import verifyObject
 
 from mcp_proxy.config import resolveSettings
+from mcp_proxy.interfaces import IRepository
 from mcp_proxy.keys import displayApiKey, generateApiKey, hashApiKey
 from mcp_proxy.models import AUTH_API_KEY, STDIO
 from mcp_proxy.service import ProxyService
@@ -36,6 +38,7 @@ class Proxy:
     url: str
     key: str
     instanceId: str
+    toolGroupId: str
     http: Any
 
     async def post(self, body: Any, path: str = "/mcp", key: str | None = None) -> tuple[int, Any]:
@@ -89,10 +92,10 @@ async def makeData(service: ProxyService) -> tuple[str, str, str]:
     )
     other = await repo.createToolGroup(org.id, "other", "", [(config.id, "echo")])
     instance = await repo.createInstance(org.id, "demo", "", group.id, AUTH_API_KEY)
-    second = await repo.createInstance(org.id, "second", "", other.id, AUTH_API_KEY)
+    await repo.createInstance(org.id, "second", "", other.id, AUTH_API_KEY)
     key = generateApiKey()
     await repo.createApiKey(instance.id, "test", hashApiKey(key), displayApiKey(key), None)
-    return key, instance.id, second.id
+    return key, instance.id, group.id
 
 
 @pytest_twisted.async_yield_fixture
@@ -105,13 +108,13 @@ async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
     service = ProxyService(settings, reactor)
     service.startService()
     await service.whenReady()
-    key, instanceId, _ = await makeData(service)
+    key, instanceId, groupId = await makeData(service)
     port = service.ports[0].getHost().port
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 128
     http = HTTPClient(Agent(reactor, pool=pool))
     try:
-        yield Proxy(service, f"http://127.0.0.1:{port}", key, instanceId, http)
+        yield Proxy(service, f"http://127.0.0.1:{port}", key, instanceId, groupId, http)
     finally:
         await service.stopService()
         await pool.closeCachedConnections()
@@ -235,3 +238,41 @@ async def test_stopLeavesNoProcess(proxy: Proxy) -> None:
     assert pids
     await proxy.service.stopService()
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_inProcessAdminInvalidates(proxy: Proxy) -> None:
+    """
+    Admin changes made through the service's repository in this process
+    take effect at once, despite the caches: a narrowed tool group, a
+    revoked key (whose sessions end), a deleted instance.
+    """
+    verifyObject(IRepository, proxy.service.admin)
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    code, body = await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert len(body["result"]["tools"]) == 3
+    group = await proxy.service.repository.getToolGroup(proxy.toolGroupId)
+    await proxy.service.admin.setToolGroupTools(
+        proxy.toolGroupId, [(t.configId, t.toolName) for t in group.tools if t.toolName == "echo"]
+    )
+    code, body = await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert [t["name"] for t in body["result"]["tools"]] == ["echo"]
+
+    [key] = await proxy.service.repository.listApiKeys(proxy.instanceId)
+    session = proxy.service.sessions.create(
+        transport="streamable-http", instanceId=proxy.instanceId, keyId=key.id
+    )
+    assert (await proxy.post(ping))[0] == 200
+    await proxy.service.admin.revokeApiKey(key.id)
+    assert (await proxy.post(ping))[0] == 401
+    assert proxy.service.sessions.get(session.id) is None
+
+    other = generateApiKey()
+    await proxy.service.repository.createApiKey(
+        proxy.instanceId, "other", hashApiKey(other), displayApiKey(other), None
+    )
+    assert (await proxy.post(ping, key=other))[0] == 200
+    await proxy.service.admin.deleteInstance(proxy.instanceId)
+    code, body = await proxy.post(ping, key=other)
+    assert code == 401
+    assert body["error"]["message"] == "MCP server instance has been deleted"
