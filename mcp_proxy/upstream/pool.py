@@ -27,8 +27,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcp_proxy.interfaces import IUpstream
-from mcp_proxy.models import STDIO, UpstreamConfig
+from mcp_proxy.models import SSE, STDIO, STREAMABLE_HTTPS, UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from mcp_proxy.upstream.http import httpFactory
+from mcp_proxy.upstream.sse import sseFactory
 from mcp_proxy.upstream.stdio import DEFAULT_MAX_MESSAGE_SIZE, EndedHook, MessageHook, StdioUpstream
 
 log = Logger()
@@ -109,6 +111,22 @@ def byTransport(factories: Mapping[str, UpstreamFactory]) -> UpstreamFactory:
     return make
 
 
+def defaultFactory(
+    reactor: IReactorProcess, clock: Optional[IReactorTime] = None
+) -> UpstreamFactory:
+    """
+    Every transport with default settings: stdio processes, Streamable
+    HTTP and legacy SSE sessions.
+    """
+    return byTransport(
+        {
+            STDIO: stdioFactory(reactor, clock),
+            SSE: sseFactory(reactor, clock),
+            STREAMABLE_HTTPS: httpFactory(reactor, clock),
+        }
+    )
+
+
 def configFingerprint(config: UpstreamConfig) -> str:
     """
     A digest of everything that decides what an upstream process is, so that
@@ -185,8 +203,8 @@ class UpstreamPool:
 
     @ivar reactor: for the default factory (stdio processes).
     @ivar clock: idle sweeps and backoff (default: C{reactor}).
-    @ivar upstreamFactory: makes each upstream; default: stdio processes
-        for C{STDIO} configs only (see L{byTransport}).
+    @ivar upstreamFactory: makes each upstream; default: L{defaultFactory}
+        (see L{byTransport}).
     @ivar processesPerUpstream: upstreams per (instance, config).  The first
         starts on first use; more start while all running ones are busy.
     @ivar idleTtl: seconds an unused upstream is kept.
@@ -226,7 +244,7 @@ class UpstreamPool:
         if self.clock is None:
             self.clock = IReactorTime(self.reactor)
         if self.upstreamFactory is None:
-            self.upstreamFactory = byTransport({STDIO: stdioFactory(self.reactor, self.clock)})
+            self.upstreamFactory = defaultFactory(self.reactor, self.clock)
         if self.processesPerUpstream < 1:
             raise ValueError("processesPerUpstream must be at least 1")
 
@@ -691,10 +709,10 @@ def discoverTools(
     commands.
 
     @param timeout: seconds for the start and every page together.
-    @param upstreamFactory: default: stdio processes for C{STDIO} configs.
+    @param upstreamFactory: default: L{defaultFactory}.
     @return: a Deferred firing with the tool objects as the upstream sent
         them, or failing with L{UpstreamError}.
     """
     clock = IReactorTime(reactor)
-    factory = upstreamFactory or byTransport({STDIO: stdioFactory(reactor, clock)})
+    factory = upstreamFactory or defaultFactory(reactor, clock)
     return Deferred.fromCoroutine(_discover(factory, clock, config, timeout))
