@@ -37,7 +37,13 @@ from mcp_proxy.upstream import (
 )
 from mcp_proxy.upstream._sseparse import EventStreamParser, EventTooLarge, ServerSentEvent
 from mcp_proxy.upstream.headers import upstreamHeaders
-from mcp_proxy.upstream.http import RemoteUpstream, StreamableHttpUpstream, checkUrl, httpFactory
+from mcp_proxy.upstream.http import (
+    RemoteUpstream,
+    StreamableHttpUpstream,
+    _Pending,
+    checkUrl,
+    httpFactory,
+)
 from mcp_proxy.upstream.sse import SseUpstream, resolveEndpoint, sseFactory
 
 HERE = Path(__file__).parent
@@ -1009,3 +1015,15 @@ async def test_lingeringStream(fake, connect) -> None:
     clock.advance(3)
     assert upstream._ops == set() and upstream._timers == set()
     assert textOf(await callTool(upstream, "echo", text="after")) == "after"
+
+
+def test_booleanIdsNeverMatch() -> None:
+    """A response with id true is not the answer to request 1."""
+    upstream = StreamableHttpUpstream(reactor, makeConfig("http://127.0.0.1:1/mcp"))
+    entry = _Pending(1, "tools/list", b"")
+    upstream._pending[1] = entry
+    upstream._messageReceived({"jsonrpc": "2.0", "id": True, "result": {}})
+    assert upstream.inFlight == 1 and upstream.droppedResponses == 1
+    upstream._messageReceived({"jsonrpc": "2.0", "id": 1, "result": {"ok": 1}})
+    assert upstream.inFlight == 0
+    assert entry.deferred.result == {"ok": 1}

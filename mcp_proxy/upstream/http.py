@@ -796,7 +796,9 @@ class RemoteUpstream:
 
     def _responseReceived(self, message: dict[str, Any]) -> None:
         requestId = message.get("id")
-        entry = self._settle(requestId) if isinstance(requestId, int) else None
+        entry = None
+        if isinstance(requestId, int) and not isinstance(requestId, bool):
+            entry = self._settle(requestId)
         if entry is None:
             self.droppedResponses += 1
             log.debug(
