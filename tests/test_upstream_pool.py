@@ -447,11 +447,11 @@ async def test_service(pools) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unsupportedTransport(pools) -> None:
-    """By default only STDIO configs can be served."""
+    """A transport no factory serves fails at once, every time, without backoff."""
     pool = pools()
-    config = makeConfig(TESTSERVER, transportType="SSE")
+    config = makeConfig(TESTSERVER, transportType="CARRIER_PIGEON")
     for _ in range(2):
-        with pytest.raises(UpstreamUnavailable, match="transport SSE is not supported"):
+        with pytest.raises(UpstreamUnavailable, match="transport CARRIER_PIGEON is not supported"):
             await tool(pool, "echo", config)
     assert pool.counters["test"]["failures"] == 0
 
