@@ -175,6 +175,10 @@ class UpstreamConfig:
     @ivar name: the config's name: the label in tool descriptions.
     @ivar env: config env values.  Secret.
     @ivar toolNames: the whitelist.
+    @ivar clientCapabilities: the client capabilities to announce to the
+        upstream (C{sampling}, C{elicitation}, C{roots}): the proxy relays
+        those requests only for clients that have them, so upstreams of
+        clients with different capabilities are separate.
     """
 
     configId: str
@@ -187,6 +191,7 @@ class UpstreamConfig:
     authType: str
     toolNames: frozenset[str]
     serverId: str = ""
+    clientCapabilities: Mapping[str, Any] = field(factory=dict)
 
 
 @frozen

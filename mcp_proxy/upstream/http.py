@@ -1397,7 +1397,7 @@ def httpFactory(
             reactor,
             config,
             clock=clock,
-            clientCapabilities=dict(clientCapabilities or {}),
+            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
             onMessage=onMessage,
             onEnded=onEnded,
             startTimeout=startTimeout,

@@ -77,7 +77,7 @@ def stdioFactory(
             reactor,
             config,
             clock=clock,
-            clientCapabilities=dict(clientCapabilities or {}),
+            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
             onMessage=onMessage,
             onEnded=onEnded,
             startTimeout=startTimeout,
@@ -141,8 +141,10 @@ def configFingerprint(config: UpstreamConfig) -> str:
             config.url,
             sorted(config.env.items()),
             config.authType,
+            config.clientCapabilities,
         ],
         separators=(",", ":"),
+        sort_keys=True,
     )
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
@@ -340,6 +342,26 @@ class UpstreamPool:
             L{UpstreamError}.  Cancelling it cancels the request upstream.
         """
         return Deferred.fromCoroutine(self._call(instanceId, config, method, params, timeout))
+
+    def capabilities(
+        self, instanceId: str, config: UpstreamConfig, timeout: float
+    ) -> Deferred[dict[str, Any]]:
+        """
+        The server capabilities of an upstream of (instance, config),
+        starting one if needed.
+
+        @return: a Deferred firing with the capabilities C{dict} its
+            C{initialize} answered, or failing with L{UpstreamError}.
+        """
+
+        async def read() -> dict[str, Any]:
+            entry = self._entryFor(instanceId, config)
+            slot, upstream = await self._acquire(entry, timeout)
+            slot.lastUsed = self._clock.seconds()
+            capabilities = upstream.serverCapabilities
+            return dict(capabilities) if isinstance(capabilities, Mapping) else {}
+
+        return Deferred.fromCoroutine(read())
 
     async def _call(
         self,

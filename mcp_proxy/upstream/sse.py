@@ -219,7 +219,7 @@ def sseFactory(
             reactor,
             config,
             clock=clock,
-            clientCapabilities=dict(clientCapabilities or {}),
+            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
             onMessage=onMessage,
             onEnded=onEnded,
             startTimeout=startTimeout,
