@@ -222,6 +222,9 @@ class RedisCache:
     # Why the last connection was lost.
     _lostBecause: str = field(default="", init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
+    # The commands not answered yet, and whether close() is cancelling them.
+    _pending: set[Deferred[Any]] = field(factory=set, init=False, repr=False)
+    _closing: bool = field(default=False, init=False, repr=False)
     _trustRoot: Optional[Certificate] = field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -473,20 +476,30 @@ class RedisCache:
                 )
             )
         d: Deferred[Any] = factory.handler.execute_command(command, *args)
+        self._pending.add(d)
         deadline = self.connectTimeout + self.replyTimeout
         d.addTimeout(deadline, self.reactor)
         d.addCallbacks(self._succeeded, self._failed, errbackArgs=(command, deadline, factory))
-        return d
+        return d.addBoth(self._settled, d)
 
     def close(self) -> Deferred[None]:
         """
         Disconnect, for the service's stop; later operations fail with
         L{RedisUnavailable}.
 
+        Commands not answered yet fail with L{RedisUnavailable}.
+
         @return: a Deferred firing with C{None} once the connections are
             closed (or after L{connectTimeout}, whatever happens).
         """
         self._closed = True
+        pending, self._pending = self._pending, set()
+        self._closing = True
+        try:
+            for d in pending:
+                d.cancel()
+        finally:
+            self._closing = False
         factory, self._factory = self._factory, None
         if factory is None:
             return succeed(None)
@@ -573,12 +586,19 @@ class RedisCache:
 
     # -- results -----------------------------------------------------------------
 
+    def _settled(self, result: Any, d: Deferred[Any]) -> Any:
+        self._pending.discard(d)
+        return result
+
     def _succeeded(self, reply: Any) -> Any:
         self._failedAt = None
         return reply
 
     def _failed(self, failure: Failure, command: str, deadline: float, factory: Any) -> Failure:
         if failure.check(CancelledError):
+            if self._closing:
+                self.stats["errors"] += 1
+                return Failure(RedisUnavailable(f"Redis at {self.url}: {command}: closed"))
             # Cancelled by the caller: neither Redis's fault nor ours.
             return failure
         self.stats["errors"] += 1

@@ -995,3 +995,33 @@ async def test_backendKeepsConfigsLocal(observer: RedisCache) -> None:
         await shared.clear()
         await closeCache(local)
         await closeCache(shared)
+
+
+@pytest_twisted.ensureDeferred
+async def test_closeFailsWaitingCommands() -> None:
+    """C{close} fails the commands still waiting for Redis at once, and leaves no timer."""
+    cache = RedisCache(reactor, port=closedPort(), connectTimeout=5, replyTimeout=5)
+    waiting = cache.get("k")
+    started = time.monotonic()
+    await cache.close()
+    error, _ = await timed(waiting)
+    assert isinstance(error, RedisUnavailable), error
+    assert "closed" in str(error)
+    assert time.monotonic() - started < 1.0
+    assert cache._pending == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_callerMayCancel(blackHole: int) -> None:
+    """A caller may cancel an operation: it fails with C{CancelledError}, not counted as an error."""
+    cache = RedisCache(reactor, port=blackHole, connectTimeout=5, replyTimeout=5)
+    try:
+        waiting = cache.get("k")
+        await sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(defer.CancelledError):
+            await waiting
+        assert cache.stats["errors"] == 0
+        assert cache._pending == set()
+    finally:
+        await cache.close()
