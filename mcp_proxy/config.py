@@ -70,6 +70,13 @@ def _str(value: str) -> str:
     return value
 
 
+def _names(value: str) -> frozenset[str]:
+    names = frozenset(part.strip().lower() for part in value.split(",") if part.strip())
+    if not names:
+        raise ValueError("must name at least one, or *")
+    return names
+
+
 @frozen
 class OptionSpec:
     """
@@ -97,6 +104,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         DEFAULT_DATABASE,
         _str,
         "Database URL: sqlite:///PATH or postgresql://user:password@host:port/dbname.",
+    ),
+    OptionSpec(
+        "cache",
+        "memory",
+        _str,
+        "Cache backend for API-key results and configurations: memory, "
+        "redis://[:password@]host:port/db (rediss:// for TLS), or NAME:ARGS of a "
+        "cache plugin (docs/extending.md).",
     ),
     OptionSpec(
         "key-salt",
@@ -140,6 +155,27 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "max-body-size", "10M", _size, "Largest request body (K, M, G suffixes); more gets 413."
     ),
     OptionSpec("sse-keepalive", "30", _positiveFloat, "Seconds between SSE keep-alive comments."),
+    OptionSpec(
+        "client-timeout",
+        "60",
+        _positiveFloat,
+        "Seconds a client may take to answer a request relayed from an upstream "
+        "(sampling, elicitation, roots).",
+    ),
+    OptionSpec(
+        "allowed-hosts",
+        None,
+        _names,
+        "Comma-separated host names the Host header may name, or * for any "
+        "(default: loopback names when every --listen is on loopback, else any).",
+    ),
+    OptionSpec(
+        "allowed-origins",
+        None,
+        _names,
+        "Comma-separated Origins browsers may call from, or * for any "
+        "(default: the request's own host and loopback).",
+    ),
 )
 
 OPTIONS_BY_NAME: Mapping[str, OptionSpec] = {o.name: o for o in OPTIONS}
@@ -231,6 +267,7 @@ class Settings:
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     database: DatabaseURL = DatabaseURL(kind="sqlite", path="mcpproxy.sqlite3")
+    cache: str = "memory"
     keySalt: str = ""
     authCacheSize: int = 100
     authCacheTtl: float = 300.0
@@ -244,6 +281,35 @@ class Settings:
     upstreamIdleTtl: float = 300.0
     maxBodySize: int = 10 * 1024 * 1024
     sseKeepalive: float = 30.0
+    clientTimeout: float = 60.0
+    allowedHosts: Optional[frozenset[str]] = None
+    allowedOrigins: Optional[frozenset[str]] = None
+
+    def hostPolicy(self) -> Optional[frozenset[str]]:
+        """
+        The host names the front accepts in C{Host} (C{None}: any): as
+        configured, else loopback names when every listener is on loopback.
+        """
+        if self.allowedHosts is not None:
+            return None if "*" in self.allowedHosts else self.allowedHosts
+        if all(_onLoopback(description) for description in self.listen):
+            return frozenset({"127.0.0.1", "localhost", "::1"})
+        return None
+
+
+def _onLoopback(description: str) -> bool:
+    """
+    Whether an endpoint description listens on loopback only (a TCP port
+    with a loopback C{interface}, or a UNIX socket).
+    """
+    kind = description.split(":", 1)[0]
+    if kind == "unix":
+        return True
+    for part in description.split(":"):
+        if part.startswith("interface="):
+            address = part[len("interface=") :].strip("[]").replace("\\", "")
+            return address in ("127.0.0.1", "::1", "localhost") or address.startswith("127.")
+    return False
 
 
 def resolveSettings(

@@ -9,7 +9,7 @@ back the encoded response.  The HTTP front decides how the bytes travel
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Optional, Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred
@@ -17,11 +17,13 @@ from twisted.logger import Logger
 
 from mcp_proxy import __version__, jsonrpc
 from mcp_proxy.models import InstanceConfig
+from mcp_proxy.relay import Downstream
 from mcp_proxy.router import Router, ToolCatalog
 
 SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 LATEST_VERSION = "2025-11-25"
 SERVER_INFO = {"name": "mcp-proxy", "version": __version__}
+REQUEST_CANCELLED = -32800
 
 
 class LoadConfig(Protocol):
@@ -90,7 +92,7 @@ def errorFromException(exc: BaseException, method: str) -> jsonrpc.JsonRpcError:
     if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
         return jsonrpc.JsonRpcError(code, message, getattr(exc, "data", None))
     if isinstance(exc, CancelledError):
-        return jsonrpc.JsonRpcError(jsonrpc.REQUEST_TIMEOUT, f"{method} was cancelled")
+        return jsonrpc.JsonRpcError(REQUEST_CANCELLED, f"{method} was cancelled")
     if isinstance(message, str) and message:
         return jsonrpc.JsonRpcError(jsonrpc.INTERNAL_ERROR, message)
     return jsonrpc.JsonRpcError(jsonrpc.INTERNAL_ERROR, f"Internal error in {method}")
@@ -112,32 +114,41 @@ class Dispatcher:
     onRequest: Optional[Callable[..., None]] = None
     _log: Logger = field(factory=lambda: Logger(namespace="mcp_proxy.dispatch"))
 
-    def capabilities(self) -> dict[str, Any]:
+    def initialize(
+        self, ctx: CallContext, params: Mapping[str, Any], downstream: Optional[Downstream]
+    ) -> Deferred[tuple[str, dict[str, Any]]]:
         """
-        The server capabilities advertised to clients.
-        """
-        return {"tools": {"listChanged": False}}
-
-    def initializeResult(self, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-        """
-        The result of an C{initialize} request.
-
-        @return: the negotiated version and the result object.
+        The answer to an C{initialize} request: the negotiated version and
+        the result, whose capabilities are what the instance's upstreams
+        offer and the proxy relays.
         """
         version = negotiateVersion(params.get("protocolVersion"))
-        return version, {
-            "protocolVersion": version,
-            "capabilities": self.capabilities(),
-            "serverInfo": SERVER_INFO,
-        }
 
-    def handle(self, ctx: CallContext, message: Mapping[str, Any]) -> Deferred[bytes]:
+        def result(capabilities: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            return version, {
+                "protocolVersion": version,
+                "capabilities": capabilities,
+                "serverInfo": SERVER_INFO,
+            }
+
+        d = self._withConfig(ctx, lambda config: self.router.serverCapabilities(config, downstream))
+        return d.addCallback(result)
+
+    def handle(
+        self,
+        ctx: CallContext,
+        message: Mapping[str, Any],
+        downstream: Optional[Downstream] = None,
+    ) -> Deferred[bytes]:
         """
         Answer one request (not C{initialize}, which the session layer
         handles).
 
+        @param downstream: where messages related to the request go
+            (progress, logs, server-to-client requests); C{None} when they
+            cannot be relayed.
         @return: a Deferred firing with the encoded response; it never
-            fails.
+            fails.  Cancelling it cancels the upstream request.
         """
         requestId = message["id"]
         method = message["method"]
@@ -153,12 +164,6 @@ class Dispatcher:
             )
         if method == "ping":
             return _fired(encodeResult(requestId, {}))
-        if method == "tools/list":
-            d = self._withConfig(ctx, lambda config: self._listTools(config, params))
-            return self._finish(d, ctx, requestId, method, params)
-        if method == "tools/call":
-            d = self._withConfig(ctx, lambda config: self.router.callTool(config, params))
-            return self._finish(d, ctx, requestId, method, params)
         if method == "initialize":
             return _fired(
                 encodeError(
@@ -166,12 +171,101 @@ class Dispatcher:
                     jsonrpc.JsonRpcError(jsonrpc.INVALID_REQUEST, "Server already initialized"),
                 )
             )
-        return _fired(
-            encodeError(
-                requestId,
-                jsonrpc.JsonRpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
+        route = self._routes.get(method)
+        if route is None:
+            return _fired(
+                encodeError(
+                    requestId,
+                    jsonrpc.JsonRpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
+                )
             )
-        )
+        d = self._withConfig(ctx, lambda config: route(self, ctx, config, params, downstream))
+        return self._finish(d, ctx, requestId, method, params)
+
+    def _listTools(
+        self,
+        ctx: CallContext,
+        config: InstanceConfig,
+        params: Mapping[str, Any],
+        downstream: Optional[Downstream],
+    ) -> Deferred[Any]:
+        if params.get("cursor") is not None:
+            raise jsonrpc.JsonRpcError(jsonrpc.INVALID_PARAMS, "Invalid cursor")
+        return self.router.catalog(config, downstream).addCallback(_ListResult)
+
+    def _callTool(
+        self,
+        ctx: CallContext,
+        config: InstanceConfig,
+        params: Mapping[str, Any],
+        downstream: Optional[Downstream],
+    ) -> Deferred[Any]:
+        return self.router.callTool(config, params, downstream)
+
+    def _setLevel(
+        self,
+        ctx: CallContext,
+        config: InstanceConfig,
+        params: Mapping[str, Any],
+        downstream: Optional[Downstream],
+    ) -> Deferred[Any]:
+        hub = self.router.hub
+        if (
+            hub is not None
+            and downstream is not None
+            and downstream.sessionId is not None
+            and downstream.notifySession is not None
+        ):
+            hub.listenLogs(ctx.instanceId, downstream.sessionId, downstream.notifySession)
+        return self.router.setLogLevel(config, params, downstream)
+
+    def _subscription(subscribe: bool) -> Any:  # type: ignore[misc]
+        def route(
+            self: Dispatcher,
+            ctx: CallContext,
+            config: InstanceConfig,
+            params: Mapping[str, Any],
+            downstream: Optional[Downstream],
+        ) -> Deferred[Any]:
+            if downstream is None:
+                raise jsonrpc.JsonRpcError(
+                    jsonrpc.INVALID_REQUEST, "resource subscriptions need a session"
+                )
+            return self.router.subscribe(config, params, downstream, subscribe)
+
+        return route
+
+    def _page(kind: str) -> Any:  # type: ignore[misc]
+        def route(
+            self: Dispatcher,
+            ctx: CallContext,
+            config: InstanceConfig,
+            params: Mapping[str, Any],
+            downstream: Optional[Downstream],
+        ) -> Deferred[Any]:
+            return self.router.listPage(kind, config, params, downstream)
+
+        return route
+
+    _routes: ClassVar[dict[str, Callable[..., Deferred[Any]]]] = {
+        "tools/list": _listTools,
+        "tools/call": _callTool,
+        "resources/list": _page("resources"),
+        "resources/templates/list": _page("resourceTemplates"),
+        "prompts/list": _page("prompts"),
+        "resources/read": lambda self, ctx, config, params, downstream: self.router.readResource(
+            config, params, downstream
+        ),
+        "resources/subscribe": _subscription(True),
+        "resources/unsubscribe": _subscription(False),
+        "prompts/get": lambda self, ctx, config, params, downstream: self.router.getPrompt(
+            config, params, downstream
+        ),
+        "completion/complete": lambda self, ctx, config, params, downstream: self.router.complete(
+            config, params, downstream
+        ),
+        "logging/setLevel": _setLevel,
+    }
 
     def _withConfig(
         self, ctx: CallContext, then: Callable[[InstanceConfig], Deferred[Any]]
@@ -184,11 +278,6 @@ class Dispatcher:
         d = self.loadConfig(ctx.instanceId)
         d.addCallback(loaded)
         return d
-
-    def _listTools(self, config: InstanceConfig, params: Mapping[str, Any]) -> Deferred[Any]:
-        if params.get("cursor") is not None:
-            raise jsonrpc.JsonRpcError(jsonrpc.INVALID_PARAMS, "Invalid cursor")
-        return self.router.catalog(config).addCallback(_ListResult)
 
     def _finish(
         self,

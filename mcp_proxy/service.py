@@ -20,12 +20,13 @@ from twisted.logger import Logger
 
 from mcp_proxy import __version__
 from mcp_proxy.auth import Authenticator, ConfigLoader, RepositoryKeyLookup
-from mcp_proxy.cache import MemoryCache
+from mcp_proxy.cacheplugins import closeCache, openCache
 from mcp_proxy.config import Settings
 from mcp_proxy.dispatch import Dispatcher
 from mcp_proxy.httpserver import makeSite
 from mcp_proxy.interfaces import IRepository
 from mcp_proxy.invalidation import InvalidatingRepository, Invalidator
+from mcp_proxy.relay import RelayHub
 from mcp_proxy.repository import openRepository
 from mcp_proxy.router import Router
 from mcp_proxy.session import SessionTable
@@ -69,11 +70,14 @@ class ProxyService(MultiService):
             repository if repository is not None else openRepository(settings.database, reactor)
         )
         lookup = RepositoryKeyLookup(self.repository)
-        self.authCache = MemoryCache(
-            clock=clock, maxSize=settings.authCacheSize, defaultTtl=settings.authCacheTtl
+        self.authCache = openCache(
+            settings.cache,
+            reactor,
+            maxSize=settings.authCacheSize,
+            defaultTtl=settings.authCacheTtl,
         )
-        self.configCache = MemoryCache(
-            clock=clock, maxSize=CONFIG_CACHE_SIZE, defaultTtl=settings.configCacheTtl
+        self.configCache = openCache(
+            settings.cache, reactor, maxSize=CONFIG_CACHE_SIZE, defaultTtl=settings.configCacheTtl
         )
         self.authenticator = Authenticator(
             lookup=lookup,
@@ -89,16 +93,20 @@ class ProxyService(MultiService):
         self.sessions = SessionTable(
             clock=clock, timeout=settings.sessionTimeout, maxSessions=settings.maxSessions
         )
+        self.hub = RelayHub(onListChanged=self._listChanged)
         self.pool = UpstreamPool(
             reactor=reactor,
             processesPerUpstream=settings.upstreamProcesses,
             idleTtl=settings.upstreamIdleTtl,
+            onMessage=self.hub.onUpstreamMessage,
         )
         self.router = Router(
             callUpstream=self.pool.call,
             clock=clock,
             timeout=settings.upstreamTimeout,
             catalogTtl=settings.configCacheTtl,
+            upstreamCapabilities=self.pool.capabilities,
+            hub=self.hub,
         )
         self.dispatcher = Dispatcher(loadConfig=self.configs.load, router=self.router)
         self.front = McpFront(
@@ -108,6 +116,11 @@ class ProxyService(MultiService):
             clock=clock,
             healthCheck=lambda: Deferred.fromCoroutine(self.health()),
             sseKeepalive=settings.sseKeepalive,
+            clientTimeout=settings.clientTimeout,
+            allowedHosts=settings.hostPolicy(),
+            allowedOrigins=(None if settings.allowedOrigins is None else settings.allowedOrigins),
+            hub=self.hub,
+            onSubscriptionsEmptied=self._unsubscribeUpstream,
         )
         self.invalidator = Invalidator(
             authenticator=self.authenticator,
@@ -221,7 +234,45 @@ class ProxyService(MultiService):
             await self.repository.stop()
         except Exception:
             log.failure("closing the database failed")
+        for cache in (self.authCache, self.configCache):
+            try:
+                await closeCache(cache)
+            except Exception:
+                log.failure("closing the cache failed")
         log.info("mcp-proxy stopped")
+
+    # -- relaying ---------------------------------------------------------
+
+    def _listChanged(self, instanceId: str, configId: str, kind: str) -> None:
+        """
+        An upstream's C{kind} list changed: drop the instance's cached
+        aggregate and tell its open sessions.
+        """
+        self.router.listChanged(instanceId, kind)
+        self.front.notifyInstance(
+            instanceId, {"jsonrpc": "2.0", "method": f"notifications/{kind}/list_changed"}
+        )
+
+    def _unsubscribeUpstream(self, emptied: list[Any]) -> None:
+        """
+        Tell upstreams about subscriptions that no session holds any more.
+        """
+        for instanceId, target, uri in emptied:
+            d = self.pool.call(
+                instanceId,
+                target,
+                "resources/unsubscribe",
+                {"uri": uri},
+                self.settings.upstreamTimeout,
+            )
+            d.addErrback(self._unsubscribeFailed, uri)
+
+    def _unsubscribeFailed(self, failure: Any, uri: str) -> None:
+        log.warn(
+            "unsubscribing {uri} upstream failed: {error}",
+            uri=uri,
+            error=failure.getErrorMessage(),
+        )
 
     # -- health -----------------------------------------------------------
 

@@ -55,6 +55,16 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         from twisted.internet import endpoints, reactor
 
+        from mcp_proxy.cacheplugins import discoverCacheFactories, parseCacheSpec
+
+        name, _ = parseCacheSpec(self.settings.cache)
+        available = discoverCacheFactories()
+        if name not in available:
+            raise usage.UsageError(
+                f"bad --cache value: unknown cache backend {name!r}; "
+                f"available: {', '.join(sorted(available))}"
+            )
+
         for description in self.settings.listen:
             try:
                 endpoints.serverFromString(reactor, description)

@@ -12,11 +12,13 @@ revision need no handshake.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,7 +32,9 @@ from mcp_proxy.dispatch import (
     SUPPORTED_VERSIONS,
     CallContext,
     Dispatcher,
+    errorFromException,
 )
+from mcp_proxy.relay import Downstream, RelayHub
 from mcp_proxy.session import SSE, STREAMABLE_HTTP, Session, SessionCapacityError, SessionTable
 
 log = Logger(namespace="mcp_proxy.transport")
@@ -214,12 +218,101 @@ class SseStream:
         self.close()
 
 
+class ResponseChannel:
+    """
+    The answer to one POSTed request.  It is plain JSON, unless something
+    must reach the client before the response (progress, a log message, a
+    request to the client) and the client accepts an event stream: then the
+    response becomes an SSE stream, with the response as its last event.
+    """
+
+    def __init__(self, request: IRequest) -> None:
+        self.request = request
+        accept = (_header(request, b"accept") or "").lower()
+        self.canStream = "text/event-stream" in accept
+        self.streaming = False
+        self.finished = False
+        self.gone = False
+        request.notifyFinish().addErrback(self._lost)  # type: ignore[attr-defined]
+
+    def _lost(self, reason: Any) -> None:
+        self.gone = True
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """
+        Send a message before the response.
+
+        @return: whether it could be sent on this request's stream.
+        """
+        if self.finished or self.gone:
+            return False
+        if not self.streaming:
+            if not self.canStream:
+                return False
+            self.streaming = True
+            self.request.setResponseCode(200)
+            self.request.setHeader(b"content-type", b"text/event-stream")
+            self.request.setHeader(b"cache-control", b"no-cache")
+            self.request.setHeader(b"x-accel-buffering", b"no")
+        self.request.write(b"event: message\ndata: " + jsonrpc.encode(message) + b"\n\n")
+        return True
+
+    def final(self, body: bytes) -> bytes:
+        """
+        The last bytes of the response, which carry C{body}.
+        """
+        self.finished = True
+        if self.streaming or _acceptsOnlyEventStream(self.request):
+            if not self.streaming:
+                self.request.setHeader(b"content-type", b"text/event-stream")
+                self.request.setHeader(b"cache-control", b"no-cache")
+            return b"event: message\ndata: " + body + b"\n\n"
+        self.request.setHeader(b"content-type", b"application/json")
+        return body
+
+
+def _detached(d: Deferred[Any]) -> Deferred[Any]:
+    """
+    A Deferred with the result of C{d} whose cancellation does not cancel
+    C{d}: a client closing its POST does not cancel the request upstream
+    (the spec says so; it cancels with C{notifications/cancelled}).
+    """
+    out: Deferred[Any] = Deferred()
+
+    def forward(result: Any) -> None:
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+    d.addBoth(forward)
+    return out
+
+
+def _hostname(hostHeader: str) -> str:
+    host = hostHeader.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 @define
 class McpFront:
     """
     The Klein application of the proxy.
 
     @ivar healthCheck: returns a Deferred firing with C{(status, body)}.
+    @ivar clientTimeout: seconds a client may take to answer a request
+        relayed from an upstream (sampling, elicitation, roots).
+    @ivar allowedHosts: the host names a request's C{Host} may name
+        (C{None}: any); the default for a loopback listener is loopback
+        names only, against DNS rebinding.
+    @ivar allowedOrigins: the C{Origin}s a browser request may come from
+        (C{None}: the request's own host, or loopback).
     """
 
     authenticator: Authenticator
@@ -228,8 +321,15 @@ class McpFront:
     clock: IReactorTime
     healthCheck: Callable[[], Deferred[tuple[int, dict[str, Any]]]]
     sseKeepalive: float = 30.0
+    clientTimeout: float = 60.0
+    allowedHosts: Optional[frozenset[str]] = None
+    allowedOrigins: Optional[frozenset[str]] = None
+    hub: Optional[RelayHub] = None
+    onSubscriptionsEmptied: Optional[Callable[[list[Any]], None]] = None
     _getStreams: dict[str, SseStream] = field(factory=dict)
     _sseStreams: dict[str, SseStream] = field(factory=dict)
+    _askedClients: dict[str, tuple[str, Deferred[Any]]] = field(factory=dict)
+    _inflight: dict[tuple[str, str], Deferred[Any]] = field(factory=dict)
 
     app = Klein()
 
@@ -274,6 +374,170 @@ class McpFront:
         for name, value in headers:
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         return jsonrpc.encode(jsonrpc.errorResponse(requestId, code, message))
+
+    # -- Host and Origin, relaying --------------------------------------------
+
+    def _checkOrigin(self, request: IRequest) -> None:
+        """
+        Refuse a foreign C{Host} (421) or C{Origin} (403), against DNS
+        rebinding and cross-site requests from browsers.
+        """
+        host = _header(request, b"host") or ""
+        hostname = _hostname(host)
+        if self.allowedHosts is not None and hostname not in self.allowedHosts:
+            raise HttpError(421, jsonrpc.SERVER_ERROR, "Misdirected Request: invalid Host header")
+        origin = _header(request, b"origin")
+        if origin is None or (origin == "null" and self.allowedOrigins is None):
+            if origin == "null":
+                raise HttpError(403, jsonrpc.SERVER_ERROR, "Forbidden: invalid Origin header")
+            return
+        if self.allowedOrigins is not None:
+            if "*" in self.allowedOrigins or origin.lower() in self.allowedOrigins:
+                return
+            raise HttpError(403, jsonrpc.SERVER_ERROR, "Forbidden: invalid Origin header")
+        parts = urlsplit(origin)
+        originHost = (parts.hostname or "").lower()
+        if originHost and (originHost == hostname or originHost in LOOPBACK_HOSTS):
+            return
+        raise HttpError(403, jsonrpc.SERVER_ERROR, "Forbidden: invalid Origin header")
+
+    def _sessionStream(self, sessionId: str) -> Optional[SseStream]:
+        return self._getStreams.get(sessionId) or self._sseStreams.get(sessionId)
+
+    def _notifier(self, sessionId: str) -> Callable[[dict[str, Any]], None]:
+        def notify(message: dict[str, Any]) -> None:
+            stream = self._sessionStream(sessionId)
+            if stream is not None:
+                stream.event(jsonrpc.encode(message))
+
+        return notify
+
+    def notifyInstance(self, instanceId: str, message: dict[str, Any]) -> int:
+        """
+        Send a notification to every open session stream of an instance
+        (e.g. a list change).
+
+        @return: how many sessions it went to.
+        """
+        body = jsonrpc.encode(message)
+        sent = 0
+        for sessionId, stream in list(self._getStreams.items()) + list(self._sseStreams.items()):
+            session = self.sessions.get(sessionId)
+            if session is not None and session.instanceId == instanceId:
+                stream.event(body)
+                sent += 1
+        return sent
+
+    def _downstream(
+        self,
+        keyId: str,
+        session: Optional[Session],
+        send: Callable[[dict[str, Any]], bool],
+    ) -> Downstream:
+        """
+        Where the messages related to one request go: C{send} (its own
+        stream) first, then the session's stream.
+        """
+        notifySession = self._notifier(session.id) if session is not None else None
+
+        def related(message: dict[str, Any]) -> None:
+            if not send(message) and notifySession is not None:
+                notifySession(message)
+
+        def ask(method: str, params: dict[str, Any]) -> Deferred[Any]:
+            return self._askClient(keyId, session, send, method, params)
+
+        return Downstream(
+            sessionId=session.id if session is not None else None,
+            capabilities=session.clientCapabilities if session is not None else {},
+            notifyRelated=related,
+            notifySession=notifySession,
+            requestClient=ask,
+        )
+
+    def _askClient(
+        self,
+        keyId: str,
+        session: Optional[Session],
+        send: Callable[[dict[str, Any]], bool],
+        method: str,
+        params: dict[str, Any],
+    ) -> Deferred[Any]:
+        """
+        Send a request from an upstream to the client, with a fresh id, and
+        fire with the client's answer.
+        """
+        requestId = "mcpp-" + secrets.token_hex(12)
+        message = jsonrpc.request(requestId, method, params)
+        d: Deferred[Any] = Deferred()
+        if not send(message):
+            stream = self._sessionStream(session.id) if session is not None else None
+            if stream is None:
+                return fail(
+                    jsonrpc.JsonRpcError(
+                        jsonrpc.INTERNAL_ERROR, f"the client cannot be reached for {method}"
+                    )
+                )
+            stream.event(jsonrpc.encode(message))
+        self._askedClients[requestId] = (keyId, d)
+        d.addTimeout(self.clientTimeout, self.clock)
+
+        def done(result: Any) -> Any:
+            self._askedClients.pop(requestId, None)
+            return result
+
+        return d.addBoth(done)
+
+    def _clientAnswered(self, keyId: str, message: dict[str, Any]) -> None:
+        entry = self._askedClients.get(str(message.get("id")))
+        if entry is None or entry[0] != keyId:
+            return
+        d = entry[1]
+        error = message.get("error")
+        if isinstance(error, dict):
+            d.errback(
+                jsonrpc.JsonRpcError(
+                    int(error.get("code", jsonrpc.INTERNAL_ERROR)),
+                    str(error.get("message", "")),
+                    error.get("data"),
+                )
+            )
+        else:
+            d.callback(message.get("result"))
+
+    def _clientNotification(self, session: Optional[Session], message: dict[str, Any]) -> None:
+        if message.get("method") != "notifications/cancelled" or session is None:
+            return
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return
+        d = self._inflight.get((session.id, repr(params.get("requestId"))))
+        if d is not None:
+            d.cancel()
+
+    def _dispatch(
+        self,
+        ctx: CallContext,
+        message: dict[str, Any],
+        downstream: Downstream,
+        session: Optional[Session],
+    ) -> Deferred[bytes]:
+        """
+        Hand a request to the dispatcher, keeping it cancellable by the
+        client's C{notifications/cancelled} while it runs.
+        """
+        d = self.dispatcher.handle(ctx, message, downstream)
+        if session is not None and not d.called:
+            key = (session.id, repr(message["id"]))
+            self._inflight[key] = d
+
+            def done(result: Any) -> Any:
+                if self._inflight.get(key) is d:
+                    del self._inflight[key]
+                return result
+
+            d.addBoth(done)
+        return _detached(d)
 
     # -- service routes ---------------------------------------------------
 
@@ -396,6 +660,7 @@ class McpFront:
             raise HttpError(400, e.code, e.message) from None
 
     async def _post(self, request: IRequest, instanceId: Optional[str]) -> bytes:
+        self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
         message = self._readBody(request)
         session = self._session(request, principal)
@@ -405,13 +670,16 @@ class McpFront:
         if kind == "invalid":
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "Invalid Request")
         if kind == "request" and message["method"] == "initialize":
-            return self._initialize(request, principal, session, message)
+            return await self._initialize(request, principal, session, message)
         version = self._checkProtocolVersion(request)
         if session is not None:
             self.sessions.touch(session)
             version = session.protocolVersion
+        if kind == "response":
+            self._clientAnswered(principal.keyId, message)
         if kind != "request":
-            # Notifications and responses: accepted.
+            if kind == "notification":
+                self._clientNotification(session, message)
             request.setResponseCode(202)
             return b""
         if session is None and message["method"] == "server/discover":
@@ -431,8 +699,10 @@ class McpFront:
             transport=STREAMABLE,
             protocolVersion=version or "2025-03-26",
         )
-        body = await self.dispatcher.handle(ctx, message)
-        return self._respond(request, body)
+        channel = ResponseChannel(request)
+        downstream = self._downstream(principal.keyId, session, channel.send)
+        body = await self._dispatch(ctx, message, downstream, session)
+        return channel.final(body)
 
     def _respond(self, request: IRequest, body: bytes) -> bytes:
         if _acceptsOnlyEventStream(request):
@@ -442,7 +712,7 @@ class McpFront:
         request.setHeader(b"content-type", b"application/json")
         return body
 
-    def _initialize(
+    async def _initialize(
         self,
         request: IRequest,
         principal: Principal,
@@ -462,7 +732,20 @@ class McpFront:
             raise HttpError(
                 400, jsonrpc.INVALID_PARAMS, "initialize needs params", requestId=requestId
             )
-        version, result = self.dispatcher.initializeResult(params)
+        if len(self.sessions) >= self.sessions.maxSessions:
+            self.sessions.sweep()
+            if len(self.sessions) >= self.sessions.maxSessions:
+                raise HttpError(503, jsonrpc.SERVER_ERROR, "Server at capacity")
+        ctx = CallContext(
+            instanceId=principal.instanceId,
+            organizationId=principal.organizationId,
+            keyId=principal.keyId,
+            sessionId=None,
+            transport=STREAMABLE,
+        )
+        capabilities = _dict(params.get("capabilities"))
+        probe = Downstream(None, capabilities, lambda message: None)
+        version, result = await self.dispatcher.initialize(ctx, params, probe)
         try:
             created = self.sessions.create(
                 transport=STREAMABLE_HTTP,
@@ -476,8 +759,18 @@ class McpFront:
             )
         except SessionCapacityError:
             raise HttpError(503, jsonrpc.SERVER_ERROR, "Server at capacity") from None
+        created.onClose(lambda reason: self._sessionClosed(created.id))
         request.setHeader(b"mcp-session-id", created.id.encode("ascii"))
         return self._respond(request, jsonrpc.encode(jsonrpc.response(requestId, result)))
+
+    def _sessionClosed(self, sessionId: str) -> None:
+        for key in [k for k in self._inflight if k[0] == sessionId]:
+            d = self._inflight.pop(key)
+            d.cancel()
+        if self.hub is not None and self.onSubscriptionsEmptied is not None:
+            emptied = self.hub.dropSession(sessionId)
+            if emptied:
+                self.onSubscriptionsEmptied(emptied)
 
     async def _batch(
         self,
@@ -521,11 +814,15 @@ class McpFront:
         if not requests:
             request.setResponseCode(202)
             return b""
-        bodies = await gatherResults([self.dispatcher.handle(ctx, m) for m in requests])
+        downstream = self._downstream(principal.keyId, session, lambda message: False)
+        bodies = await gatherResults(
+            [self._dispatch(ctx, m, downstream, session) for m in requests]
+        )
         request.setHeader(b"content-type", b"application/json")
         return b"[" + b",".join(bodies) + b"]"
 
     async def _openGetStream(self, request: IRequest, instanceId: Optional[str]) -> None:
+        self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
         session = self._session(request, principal)
         if session is None:
@@ -548,6 +845,7 @@ class McpFront:
         await stream.done
 
     async def _delete(self, request: IRequest, instanceId: Optional[str]) -> bytes:
+        self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
         session = self._session(request, principal)
         if session is None:
@@ -569,6 +867,7 @@ class McpFront:
         return Deferred.fromCoroutine(self._openLegacyStream(request, instanceId))
 
     async def _openLegacyStream(self, request: IRequest, instanceId: Optional[str]) -> None:
+        self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
         try:
             session = self.sessions.create(
@@ -587,6 +886,7 @@ class McpFront:
         stream.onClose(lambda: self._sseStreams.pop(session.id, None))
         stream.onClose(lambda: self.sessions.close(session.id, "SSE stream closed"))
         session.onClose(lambda reason: stream.close())
+        session.onClose(lambda reason: self._sessionClosed(session.id))
         endpoint = f"/messages/{principal.instanceId}?sessionId={session.id}"
         stream.event(endpoint.encode("ascii"), b"endpoint")
         await stream.done
@@ -600,6 +900,7 @@ class McpFront:
         return Deferred.fromCoroutine(self._legacyMessage(request, instanceId))
 
     async def _legacyMessage(self, request: IRequest, instanceId: Optional[str]) -> bytes:
+        self._checkOrigin(request)
         sessionId = _queryValue(request, b"sessionId", b"session_id")
         if not sessionId:
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "Missing sessionId parameter")
@@ -622,12 +923,35 @@ class McpFront:
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "Invalid Request")
         self.sessions.touch(session)
         if kind == "request":
-            self._answerOnStream(session, stream, message)
+            Deferred.fromCoroutine(self._answerOnStream(session, stream, message)).addErrback(
+                lambda f: log.failure("answering on the SSE stream failed", f)
+            )
+        elif kind == "response":
+            self._clientAnswered(session.keyId, message)
+        else:
+            self._clientNotification(session, message)
         request.setResponseCode(202)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Accepted"
 
-    def _answerOnStream(self, session: Session, stream: SseStream, message: dict[str, Any]) -> None:
+    async def _answerOnStream(
+        self, session: Session, stream: SseStream, message: dict[str, Any]
+    ) -> None:
+        ctx = CallContext(
+            instanceId=session.instanceId,
+            organizationId=session.organizationId,
+            keyId=session.keyId,
+            sessionId=session.id,
+            transport=LEGACY_SSE,
+            protocolVersion=session.protocolVersion,
+        )
+
+        def send(related: dict[str, Any]) -> bool:
+            if stream.closed:
+                return False
+            stream.event(jsonrpc.encode(related))
+            return True
+
         if message["method"] == "initialize":
             params = message.get("params")
             if not isinstance(params, dict):
@@ -643,23 +967,25 @@ class McpFront:
                     )
                 )
             else:
-                version, result = self.dispatcher.initializeResult(params)
-                session.protocolVersion = version
-                session.clientInfo = _dict(params.get("clientInfo"))
                 session.clientCapabilities = _dict(params.get("capabilities"))
-                session.initialized = True
-                body = jsonrpc.encode(jsonrpc.response(message["id"], result))
+                probe = Downstream(None, session.clientCapabilities, lambda m: None)
+                try:
+                    version, result = await self.dispatcher.initialize(ctx, params, probe)
+                except Exception as e:
+                    error = errorFromException(e, "initialize")
+                    body = jsonrpc.encode(
+                        jsonrpc.errorResponse(message["id"], error.code, error.message)
+                    )
+                else:
+                    session.protocolVersion = version
+                    session.clientInfo = _dict(params.get("clientInfo"))
+                    session.initialized = True
+                    body = jsonrpc.encode(jsonrpc.response(message["id"], result))
             stream.event(body)
             return
-        ctx = CallContext(
-            instanceId=session.instanceId,
-            organizationId=session.organizationId,
-            keyId=session.keyId,
-            sessionId=session.id,
-            transport=LEGACY_SSE,
-            protocolVersion=session.protocolVersion,
-        )
-        self.dispatcher.handle(ctx, message).addCallback(stream.event)
+        downstream = self._downstream(session.keyId, session, send)
+        body = await self._dispatch(ctx, message, downstream, session)
+        stream.event(body)
 
 
 def _dict(value: Any) -> dict[str, Any]:
