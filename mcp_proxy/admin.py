@@ -54,6 +54,7 @@ from mcp_proxy.models import (
     AUTH_NONE,
     AUTH_TYPES,
     STDIO,
+    TRANSPORT_TYPES,
     ApiKey,
     Instance,
     McpServer,
@@ -713,7 +714,7 @@ def findDiscoverer(transportType: str) -> Optional[Discoverer]:
     """
     from mcp_proxy.upstream.pool import discoverTools
 
-    if transportType == STDIO:
+    if transportType in TRANSPORT_TYPES:
         return discoverTools  # type: ignore[no-any-return]
     return None
 

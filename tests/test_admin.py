@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import quote
 
 import psycopg2.extensions
@@ -29,6 +32,7 @@ from mcp_proxy.repository import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_SERVER = ROOT / "examples" / "echo_server.py"
+REMOTE_SERVER = ROOT / "tests" / "servers" / "remote_fastmcp.py"
 SECRET = "s3cr3t-value-that-must-not-leak"
 
 
@@ -631,34 +635,129 @@ def test_reimport(admin: Admin, tmp_path: Path) -> None:
     assert fourth["instance"]["id"] != first["instance"]["id"]
 
 
-def test_importRemote(admin: Admin, tmp_path: Path) -> None:
+class RemoteServer:
     """
-    A remote entry is registered with its header names; its header values
-    go to its config.
+    A remote MCP server (FastMCP of the mcp SDK, tests/servers/) on a free
+    loopback port, in its own process group.
+    """
+
+    def __init__(self, transport: str, path: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}{path}"
+        self.process = subprocess.Popen(
+            [sys.executable, str(REMOTE_SERVER), transport, str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, "the remote server exited"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("the remote server did not listen in time")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(params=[("streamable-http", "/mcp"), ("sse", "/sse")], ids=["http", "sse"])
+def remoteServer(request: Any) -> Iterator[tuple[str, RemoteServer]]:
+    transport, path = request.param
+    server = RemoteServer(transport, path)
+    try:
+        yield transport, server
+    finally:
+        server.stop()
+
+
+def test_importRemote(admin: Admin, tmp_path: Path, remoteServer: tuple[str, RemoteServer]) -> None:
+    """
+    A remote entry is registered with its header names, its header values
+    go to its config, and its tools are discovered.
+    """
+    transport, server = remoteServer
+    path = echoServersFile(
+        tmp_path / "mixed.json",
+        remote={
+            "url": server.url,
+            "type": transport,
+            "headers": {"Authorization": f"Bearer {SECRET}"},
+        },
+    )
+    result = admin.run("import", str(path), "--json", "--key")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    out = json.loads(result.stdout)
+    assertNoSecret({k: v for k, v in out.items() if k != "key"})
+    assertNoSecret(result.stderr)
+    remote = next(s for s in out["servers"] if s["name"] == "remote")
+    assert remote["transportType"] == ("SSE" if transport == "sse" else "STREAMABLE_HTTPS")
+    assert {"echo", "add"} <= set(remote["tools"])
+    assert {("remote", "echo"), ("echo", "echo")} <= {
+        (t["server"], t["name"]) for t in out["tools"]
+    }
+    stored = admin.json("server", "show", remote["serverId"])
+    assert stored["url"] == server.url
+    assert stored["envVars"] == ["Authorization"]
+    assert sorted(t["name"] for t in stored["tools"]) == sorted(remote["tools"])
+    config = admin.json("config", "show", remote["configId"])
+    assert config["envVars"] == {"Authorization": "***"}
+
+    # tools sync reaches it too.
+    synced = admin.json("tools", "sync", "--config", remote["configId"])
+    assert sorted(synced["servers"][0]["tools"]) == sorted(remote["tools"])
+
+
+def test_importRemoteUnreachable(admin: Admin, tmp_path: Path) -> None:
+    """
+    An unreachable remote upstream stops the import, unless --skip-failed
+    registers it without tools; tools sync then reports it.
     """
     path = echoServersFile(
         tmp_path / "mixed.json",
         remote={
-            "url": "http://127.0.0.1:1/mcp",
-            "type": "sse",
+            "url": "http://127.0.0.1:1/mcp?token=" + SECRET,
             "headers": {"Authorization": f"Bearer {SECRET}"},
         },
     )
-    result = admin.run("import", str(path), "--json")
+    line = admin.fails("import", str(path), "--timeout", "10", code=1)
+    assert "cannot list the tools of 'remote'" in line
+    assert SECRET not in line
+    assert admin.json("server", "list") == []
+
+    result = admin.run("import", str(path), "--json", "--skip-failed", "--timeout", "10")
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
     out = json.loads(result.stdout)
     assertNoSecret(out)
     assertNoSecret(result.stderr)
+    assert 'no "type": assuming streamable-http' in result.stderr
     remote = next(s for s in out["servers"] if s["name"] == "remote")
-    assert remote["transportType"] == "SSE"
     assert remote["tools"] is None
-    assert "tools sync" in result.stderr
-    stored = admin.json("server", "show", remote["serverId"])
-    assert stored["url"] == "http://127.0.0.1:1/mcp"
-    assert stored["envVars"] == ["Authorization"]
-    config = admin.json("config", "show", remote["configId"])
-    assert config["envVars"] == {"Authorization": "***"}
+    assert remote["transportType"] == "STREAMABLE_HTTPS"
+    assert admin.json("server", "show", remote["serverId"])["url"] == (
+        "http://127.0.0.1:1/mcp?token=***"
+    )
+
+    # Syncing every server: the echo server is synced, the remote one fails.
+    result = admin.run("tools", "sync", "--json", "--timeout", "10")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    synced = {s["name"]: s for s in json.loads(result.stdout)["servers"]}
+    assert "echo" in synced["echo"]["tools"]
+    assert synced["remote"]["tools"] is None
+    assert "cannot list the tools of server 'remote'" in synced["remote"]["error"]
+    assertNoSecret(result.stderr + result.stdout)
 
 
 def test_importDifferentServer(admin: Admin, tmp_path: Path) -> None:
