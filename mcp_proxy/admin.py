@@ -376,7 +376,8 @@ def schemaVersions(database: DatabaseURL) -> Optional[frozenset[str]]:
                 return frozenset()
             import sqlite3
 
-            connection = sqlite3.connect(f"file:{database.path}?mode=ro", uri=True, timeout=10)
+            uri = Path(database.path).absolute().as_uri() + "?mode=ro"
+            connection = sqlite3.connect(uri, uri=True, timeout=10)
             try:
                 (exists,) = connection.execute(
                     "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
@@ -1216,13 +1217,10 @@ def prepareImport(args: argparse.Namespace) -> None:
 async def cmdImport(ctx: Context) -> None:
     a = ctx.args
     servers: ServersFile = a.servers
-    organizationId = await resolveOrganization(ctx, a.org, required=False)
-    if organizationId is None:
-        if a.org is None and not await ctx.repo.listOrganizations():
-            organizationId = (await ctx.repo.createOrganization(DEFAULT_ORGANIZATION)).id
-        else:
-            await resolveOrganization(ctx, a.org)
-    assert organizationId is not None
+    # Without any organization, the import creates "default" when it writes.
+    organizationId = None
+    if a.org is not None or await ctx.repo.listOrganizations():
+        organizationId = await resolveOrganization(ctx, a.org)
     try:
         result = await importServers(
             ctx.reactor,

@@ -450,13 +450,14 @@ async def importServers(
     reactor: Any,
     repo: Any,
     servers: ServersFile,
-    organizationId: str,
+    organizationId: Optional[str],
     instanceName: str,
     description: str,
     discover: Callable[[str], Optional[Discoverer]],
     timeout: float,
     authType: str = AUTH_API_KEY,
     skipFailed: bool = False,
+    newOrganization: str = "default",
 ) -> ImportResult:
     """
     Register the servers of a file, discover their tools, and serve them all
@@ -467,6 +468,8 @@ async def importServers(
     server of the same name that reaches another upstream is an error.
 
     @param repo: the L{mcp_proxy.interfaces.IRepository}.
+    @param organizationId: the organization, or C{None} when there is none
+        yet: one named C{newOrganization} is then created with the rest.
     @param discover: maps a transport type to the function that lists the
         tools of such an upstream, or C{None} when it cannot be contacted
         from here.
@@ -481,15 +484,17 @@ async def importServers(
         raise InvalidInput("the instance name is empty")
 
     # 1. Everything that can be checked in the database.
-    for instance in await repo.listInstances(organizationId, False):
-        if instance.name == instanceName and instance.deletedAt is None:
-            raise InvalidInput(
-                f"an instance named {instanceName!r} already exists ({instance.id}): "
-                "choose another name with --instance, or delete it first with "
-                f"'mcpproxy-admin instance delete {instance.id}'"
-            )
     existingServers = list(await repo.listServers())
-    existingConfigs = list(await repo.listConfigs(organizationId))
+    existingConfigs: list[ServerConfig] = []
+    if organizationId is not None:
+        for instance in await repo.listInstances(organizationId, False):
+            if instance.name == instanceName and instance.deletedAt is None:
+                raise InvalidInput(
+                    f"an instance named {instanceName!r} already exists ({instance.id}): "
+                    "choose another name with --instance, or delete it first with "
+                    f"'mcpproxy-admin instance delete {instance.id}'"
+                )
+        existingConfigs = list(await repo.listConfigs(organizationId))
     plans = []
     for entry in servers.entries:
         server = _findServer(existingServers, entry.name)
@@ -552,6 +557,8 @@ async def importServers(
             )
 
     # 3. Write: servers, configs, tools, the tool group and the instance.
+    if organizationId is None:
+        organizationId = (await repo.createOrganization(newOrganization)).id
     done = []
     groupTools: list[tuple[str, str]] = []
     for plan in plans:

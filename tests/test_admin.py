@@ -786,6 +786,7 @@ def test_importUpstreamFailure(admin: Admin, tmp_path: Path) -> None:
     assert "--skip-failed" in line
     assert admin.json("server", "list") == []
     assert admin.json("instance", "list") == []
+    assert admin.json("org", "list") == []
 
     # With --skip-failed, it is registered without tools.
     result = admin.run("import", str(path), "--timeout", "10", "--skip-failed", "--json")
