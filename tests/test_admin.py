@@ -134,7 +134,8 @@ def echoServersFile(path: Path, **extra: Any) -> Path:
 
 
 def assertNoSecret(result: Any) -> None:
-    assert SECRET not in json.dumps(result) if not isinstance(result, str) else SECRET not in result
+    text = result if isinstance(result, str) else json.dumps(result)
+    assert SECRET not in text
 
 
 # -- the end-to-end path -------------------------------------------------------
@@ -281,7 +282,6 @@ def test_defaultDatabase(tmp_path: Path) -> None:
     Without --database and MCPPROXY_DATABASE, the database is
     mcpproxy.sqlite3 in the working directory.
     """
-    admin = Admin("", tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "mcp_proxy.admin", "init", "--json"],
         cwd=tmp_path,
@@ -294,8 +294,8 @@ def test_defaultDatabase(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["database"] == "sqlite:///mcpproxy.sqlite3"
     assert (tmp_path / "mcpproxy.sqlite3").exists()
-    assert admin.cwd == tmp_path
 
 
 def test_organizationDefaults(admin: Admin) -> None:
