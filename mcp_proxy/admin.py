@@ -1565,7 +1565,187 @@ def buildParser() -> argparse.ArgumentParser:
         help=f"seconds per upstream to list its tools (default: {DEFAULT_TIMEOUT:g})",
     )
     p.set_defaults(prepare=prepareImport)
+
+    p = _command(top, "logs", "list the request log, newest first", cmdLogs)
+    p.add_argument("--instance", metavar="ID", help="only the requests of this instance")
+    p.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only requests since TIME (ISO 8601, or an age: 15m, 2h, 7d)",
+    )
+    p.add_argument(
+        "--limit", type=_logsLimit, default=50, metavar="N", help="at most N rows (default: 50)"
+    )
+    p.add_argument(
+        "--show-data",
+        action="store_true",
+        help="also show the stored request and response of successful tools/call requests",
+    )
     return parser
+
+
+# -- request log ------------------------------------------------------------------------
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _logsLimit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def _logsSince(text: str, now: datetime.datetime) -> datetime.datetime:
+    """
+    The time of C{logs --since}: an age (C{90s}, C{15m}, C{2h}, C{7d}) or
+    an ISO 8601 date or time (UTC unless it has an offset).
+    """
+    value = text.strip().lower()
+    if len(value) > 1 and value[-1] in _AGE_UNITS and value[:-1].isdigit():
+        return now - datetime.timedelta(seconds=int(value[:-1]) * _AGE_UNITS[value[-1]])
+    when = parseWhen(text, now)
+    if when is None:
+        raise AdminError(f"bad --since {text!r}: expected an age such as 2h or an ISO 8601 time")
+    return when
+
+
+def _logData(data: Any) -> dict[str, Any]:
+    """
+    A detail row as JSON: its sizes, and the request and response read
+    back from their gzip (plain or the origin's double-encoded JSON).
+    """
+    from mcp_proxy.requestlog import decodePayload
+
+    result: dict[str, Any] = {}
+    for name, blob in (
+        ("request", data.inputDataCompressed),
+        ("response", data.outputDataCompressed),
+    ):
+        try:
+            value, encoding = decodePayload(blob)
+        except ValueError as e:
+            result[name] = None
+            result[name + "Error"] = str(e)
+        else:
+            result[name] = value
+            result["encoding"] = encoding
+    result.update(
+        originalInputSize=data.originalInputSize,
+        originalOutputSize=data.originalOutputSize,
+        compressedInputSize=data.compressedInputSize,
+        compressedOutputSize=data.compressedOutputSize,
+        compressionRatio=data.compressionRatio,
+    )
+    return result
+
+
+def _logJSON(row: Any, showData: bool) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "id": row.id,
+        "createdAt": formatTime(row.createdAt),
+        "instanceId": row.instanceId,
+        "organizationId": row.organizationId,
+        "method": row.method,
+        "toolName": row.toolName,
+        "transportType": row.transportType,
+        "responseStatus": row.responseStatus,
+        "durationMs": row.durationMs,
+        "inputBytes": row.inputBytes,
+        "outputBytes": row.outputBytes,
+        "errorCode": row.errorCode,
+        "errorMessage": row.errorMessage,
+        "userAgent": row.userAgent,
+    }
+    if showData:
+        result["data"] = None if row.data is None else _logData(row.data)
+    return result
+
+
+def _logError(row: Any) -> Optional[str]:
+    if row.errorCode and row.errorMessage:
+        return f"{row.errorCode}: {row.errorMessage}"
+    return row.errorMessage or row.errorCode
+
+
+def _showLogs(ctx: Context, rows: Sequence[Any], entries: Sequence[dict[str, Any]]) -> None:
+    if not ctx.args.show_data:
+        ctx.out.table(
+            (
+                "TIME",
+                "INSTANCE",
+                "TRANSPORT",
+                "METHOD",
+                "TOOL",
+                "STATUS",
+                "MS",
+                "IN",
+                "OUT",
+                "ERROR",
+            ),
+            [
+                (
+                    row.createdAt,
+                    row.instanceId,
+                    row.transportType,
+                    row.method,
+                    row.toolName,
+                    row.responseStatus,
+                    row.durationMs,
+                    row.inputBytes,
+                    row.outputBytes,
+                    _logError(row),
+                )
+                for row in rows
+            ],
+        )
+        return
+    if not rows:
+        ctx.out.line("(none)")
+    for i, (row, entry) in enumerate(zip(rows, entries)):
+        if i:
+            ctx.out.line()
+        ctx.out.record(
+            [
+                ("id", row.id),
+                ("time", row.createdAt),
+                ("instance", row.instanceId),
+                ("transport", row.transportType),
+                ("method", row.method),
+                ("tool", row.toolName),
+                ("status", row.responseStatus),
+                ("duration", f"{row.durationMs} ms"),
+                ("bytes in/out", f"{_cell(row.inputBytes)} / {_cell(row.outputBytes)}"),
+                ("error", _logError(row)),
+                ("user agent", row.userAgent),
+            ]
+        )
+        data = entry["data"]
+        if data is None:
+            ctx.out.line("(no request/response stored)")
+            continue
+        ctx.out.line(
+            f"stored {data.get('encoding', '?')} JSON, gzip ratio {data['compressionRatio']:.2f}"
+        )
+        for name, size in (("request", "originalInputSize"), ("response", "originalOutputSize")):
+            if data.get(name + "Error"):
+                ctx.out.line(f"{name}: unreadable ({data[name + 'Error']})")
+            else:
+                ctx.out.line(f"{name} ({data[size]} bytes stored):")
+                ctx.out.line(json.dumps(data[name], indent=2, ensure_ascii=False))
+
+
+async def cmdLogs(ctx: Context) -> None:
+    args = ctx.args
+    if args.instance:
+        await getInstance(ctx, args.instance)
+    since = _logsSince(args.since, utcnow()) if args.since else None
+    rows = list(await ctx.repo.listRequestLogs(args.instance, since, args.limit, args.show_data))
+    entries = [_logJSON(row, args.show_data) for row in rows]
+    ctx.out.emit(entries, lambda: _showLogs(ctx, rows, entries))
 
 
 # -- running ------------------------------------------------------------------------
