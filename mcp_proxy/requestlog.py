@@ -472,6 +472,7 @@ class RequestLog:
         if validationMode or method not in LOGGED_METHODS or not ctx.instanceId:
             return
         if self._state == STOPPED:
+            self.queued += 1
             self.dropped += 1
             return
         # A plain tuple in the order of Entry's fields: the worker makes

@@ -164,6 +164,8 @@ async def harness(repository: Any) -> AsyncIterator[Harness]:
             clock.advance(1)
             await deferLater(reactor, 0.01)
         assert stopped.called
+        accounted = requestLog.written + requestLog.dropped + requestLog.refused
+        assert requestLog.queued == accounted + requestLog.queueDepth
 
 
 @pytest.fixture
@@ -536,7 +538,7 @@ async def test_stopWritesEverything(harness: Harness) -> None:
     assert len(await harness.rows()) == 321
     assert harness.clock.getDelayedCalls() == []
     harness.call(log, 321)
-    assert log.dropped == 1 and log.queued == 321
+    assert log.dropped == 1 and log.queued == 322
 
 
 @pytest_twisted.ensureDeferred
