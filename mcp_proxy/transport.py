@@ -527,7 +527,7 @@ class McpFront:
         client's C{notifications/cancelled} while it runs.
         """
         d = self.dispatcher.handle(ctx, message, downstream)
-        if session is not None and not d.called:
+        if session is not None:
             key = (session.id, repr(message["id"]))
             self._inflight[key] = d
 

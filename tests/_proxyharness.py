@@ -106,17 +106,19 @@ class ProxyProcess:
         return self.logPath.read_text(errors="replace")
 
 
-def startProxy(tmp: Path, *options: str) -> ProxyProcess:
+def startProxy(tmp: Path, *options: str, servers: Optional[dict[str, Any]] = None) -> ProxyProcess:
     """
     Prepare a database with a demo instance and start a proxy on it.
+
+    @param servers: the C{mcpServers} entries (default: the echo server).
     """
     database = f"sqlite:///{tmp}/proxy.sqlite3"
-    servers = tmp / "servers.json"
-    servers.write_text(
-        json.dumps({"mcpServers": {"echo": {"command": sys.executable, "args": [str(ECHO)]}}})
-    )
+    serversFile = tmp / "servers.json"
+    if servers is None:
+        servers = {"echo": {"command": sys.executable, "args": [str(ECHO)]}}
+    serversFile.write_text(json.dumps({"mcpServers": servers}))
     admin(database, "init")
-    imported = admin(database, "import", str(servers), "--instance", "demo", "--key")
+    imported = admin(database, "import", str(serversFile), "--instance", "demo", "--key")
     port = freePort()
     logPath = tmp / "proxy.log"
     log = logPath.open("wb")
