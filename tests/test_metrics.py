@@ -262,6 +262,52 @@ def test_upstreamCallOutcomes() -> None:
                  **labels) == 4  # fmt: skip
 
 
+def test_meteredDispatcherTimesEachAnswer() -> None:
+    """
+    An answer given at once and one given later are both timed, from the
+    call to the answer, and counted by their outcome.
+    """
+    clock = Clock()
+    metrics = Metrics(timer=clock.seconds, processCollector=False)
+    loads: list[Deferred[Any]] = []
+
+    def loadConfig(instanceId: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        loads.append(d)
+        return d
+
+    dispatcher = MeteredDispatcher(
+        loadConfig=loadConfig,
+        router=Router(callUpstream=lambda *a: fail(AssertionError()), clock=clock),
+        metrics=metrics,
+    )
+    ctx = CallContext("i", "o", "k", None, "SSE")
+    answers: list[bytes] = []
+    dispatcher.handle(ctx, {"jsonrpc": "2.0", "id": 1, "method": "ping"}).addCallback(
+        answers.append
+    )
+    dispatcher.handle(ctx, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).addCallback(
+        answers.append
+    )
+    clock.advance(0.3)
+    loads[0].callback(None)
+    assert [json.loads(a)["id"] for a in answers] == [1, 2]
+    assert "error" in json.loads(answers[1])
+    samples = scrape(metrics)
+    total = "mcpproxy_requests_total"
+    assert value(samples, total, method="ping", transport="sse", outcome="ok", status="") == 1
+    assert (
+        value(samples, total, method="tools/list", transport="sse", outcome="error", status="") == 1
+    )
+    bucket = "mcpproxy_request_duration_seconds_bucket"
+    assert value(samples, bucket, le="0.0005", method="ping", transport="sse") == 1
+    assert value(samples, bucket, le="0.25", method="tools/list", transport="sse") == 0
+    assert value(samples, bucket, le="0.5", method="tools/list", transport="sse") == 1
+    assert value(
+        samples, "mcpproxy_request_duration_seconds_sum", method="tools/list", transport="sse"
+    ) == pytest.approx(0.3)
+
+
 def test_meteredDispatcherWithoutMetrics() -> None:
     """
     With no L{Metrics}, the dispatcher answers as the plain one does.
