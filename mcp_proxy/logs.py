@@ -28,10 +28,10 @@ import os
 import re
 import secrets
 import sys
-from contextvars import ContextVar
-from typing import IO, Any, Mapping, Optional, Union
+from contextvars import ContextVar, copy_context
+from typing import IO, Any, Callable, Mapping, Optional, TypeVar, Union
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.application.service import IService, MultiService
 from twisted.logger import (
     FileLogObserver,
@@ -333,20 +333,36 @@ class RequestContext:
     """
     What every event logged while serving a request carries.
 
-    @ivar session: the session's log id (L{sessionLogId}), never the id.
+    @ivar sessionId: the session's id: a credential, never logged (see
+        L{session}).
+    @ivar method: the JSON-RPC method, for the request's own event.
     """
 
     requestId: str
     instance: Optional[str] = None
-    session: Optional[str] = None
+    sessionId: Optional[str] = field(default=None, repr=False)
+    method: Optional[str] = None
+
+    @property
+    def session(self) -> Optional[str]:
+        """
+        The session's log id (L{sessionLogId}).
+        """
+        return sessionLogId(self.sessionId) if self.sessionId is not None else None
 
     def fields(self) -> tuple[Optional[str], Optional[str], Optional[str]]:
+        """
+        The values of L{CONTEXT_FIELDS}.
+        """
         return (self.requestId, self.instance, self.session)
 
 
 _context: ContextVar[Optional[RequestContext]] = ContextVar("mcpproxyRequest", default=None)
 
 _REQUEST_ID_ATTRIBUTE = "_mcpproxyRequestId"
+_CONTEXT_ATTRIBUTE = "_mcpproxyRequestContext"
+
+_T = TypeVar("_T")
 
 
 def newRequestId() -> str:
@@ -373,31 +389,47 @@ def requestIdFor(request: Any) -> str:
             requestId = text
     if requestId is None:
         requestId = newRequestId()
-    try:
-        setattr(request, _REQUEST_ID_ATTRIBUTE, requestId)
-    except AttributeError:
-        pass
+    _remember(request, _REQUEST_ID_ATTRIBUTE, requestId)
     return requestId
 
 
+def _remember(request: Any, name: str, value: object) -> None:
+    try:
+        setattr(request, name, value)
+    except AttributeError:
+        pass
+
+
 def bindRequest(
-    requestId: str, instance: Optional[str] = None, sessionId: Optional[str] = None
+    request: Any,
+    instance: Optional[str] = None,
+    sessionId: Optional[str] = None,
+    method: Optional[str] = None,
 ) -> RequestContext:
     """
-    Make every event logged from now on in the current context carry this
-    request's id, instance and session (hashed).
+    Make every event logged from now on in the current context carry the
+    request's id (L{requestIdFor}), instance and session (hashed); remember
+    them, with the method, on the request for its own event
+    (L{requestContextOf}).
 
     Call it in the coroutine that serves the request (a route's C{async
     def}, run by C{Deferred.fromCoroutine}, has a context of its own, as
-    do the coroutines it awaits); work it starts with C{callLater} does not
-    inherit it.  Called in plain reactor code it would stick to later
-    events, so it must not be.
+    do the coroutines it awaits), or within L{runInRequestContext}; work
+    started with C{callLater} does not inherit it.  Called in plain
+    reactor code it would stick to later events, so it must not be.
     """
-    context = RequestContext(
-        requestId, instance, sessionLogId(sessionId) if sessionId is not None else None
-    )
+    context = RequestContext(requestIdFor(request), instance, sessionId, method)
     _context.set(context)
+    _remember(request, _CONTEXT_ATTRIBUTE, context)
     return context
+
+
+def requestContextOf(request: Any) -> Optional[RequestContext]:
+    """
+    The context last bound for a request by L{bindRequest}, if any.
+    """
+    context = getattr(request, _CONTEXT_ATTRIBUTE, None)
+    return context if isinstance(context, RequestContext) else None
 
 
 def currentRequest() -> Optional[RequestContext]:
@@ -405,6 +437,20 @@ def currentRequest() -> Optional[RequestContext]:
     The context of L{bindRequest} in effect, if any.
     """
     return _context.get()
+
+
+def runInRequestContext(request: Any, f: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """
+    Call C{f} in a copy of the current context in which the request's id
+    is bound: events logged by C{f}, and by the coroutines it starts (which
+    copy the context they start in), carry it, and nothing leaks out.
+    """
+
+    def bound() -> _T:
+        _context.set(RequestContext(requestIdFor(request)))
+        return f(*args, **kwargs)
+
+    return copy_context().run(bound)
 
 
 def logRequest(

@@ -51,6 +51,7 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from mcp_proxy import __version__
 from mcp_proxy.dispatch import CallContext, Dispatcher
+from mcp_proxy.logs import logRequest, requestContextOf, requestIdFor, runInRequestContext
 from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import UpstreamTimeout
 
@@ -931,13 +932,19 @@ class _InstrumentedFront(Resource):
     isLeaf = True
 
     def __init__(
-        self, inner: IResource, metrics: Metrics, token: Optional[str], serveMetrics: bool
+        self,
+        inner: IResource,
+        metrics: Metrics,
+        token: Optional[str],
+        serveMetrics: bool,
+        requestLog: Optional[Logger],
     ) -> None:
         super().__init__()
         self._inner = inner
         self._metrics = metrics
         self._token = token
         self._serveMetrics = serveMetrics
+        self._requestLog = requestLog
 
     def render(self, request: Any) -> Any:
         path = request.path or b"/"
@@ -948,30 +955,52 @@ class _InstrumentedFront(Resource):
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"Method Not Allowed\n"
             return _answer(request, self._metrics, self._token)
+        requestId = requestIdFor(request)
+        request.setHeader(b"x-request-id", requestId.encode("ascii"))
         segment = path.split(b"/", 2)[1] if path.startswith(b"/") else b""
         transport = _PATH_TRANSPORTS.get(segment)
         if transport is not None:
-            metrics = self._metrics
-            started = metrics.timer()
-            isPost = request.method == b"POST"
-            sessionBefore = request.requestHeaders.hasHeader(b"mcp-session-id")
+            self._watch(request, requestId, transport)
+        return runInRequestContext(request, self._renderInner, request)
 
-            def finished(result: object) -> None:
-                code = request.code
-                if code >= 400:
-                    metrics.observeRequest(
-                        None, transport, HTTP_ERROR, metrics.timer() - started, code
-                    )
-                elif (
-                    isPost
-                    and not sessionBefore
-                    and request.responseHeaders.hasHeader(b"mcp-session-id")
-                ):
-                    # Only the answer to initialize creates a session id.
-                    metrics.observeRequest("initialize", transport, OK, metrics.timer() - started)
-
-            request.notifyFinish().addBoth(finished)
+    def _renderInner(self, request: Any) -> Any:
         return getChildForRequest(self._inner, request).render(request)
+
+    def _watch(self, request: Any, requestId: str, transport: str) -> None:
+        metrics = self._metrics
+        requestLog = self._requestLog
+        started = metrics.timer()
+        isPost = request.method == b"POST"
+        sessionBefore = request.requestHeaders.hasHeader(b"mcp-session-id")
+
+        def finished(result: object) -> None:
+            code = request.code
+            seconds = metrics.timer() - started
+            if code >= 400:
+                metrics.observeRequest(None, transport, HTTP_ERROR, seconds, code)
+            elif (
+                isPost
+                and not sessionBefore
+                and request.responseHeaders.hasHeader(b"mcp-session-id")
+            ):
+                # Only the answer to initialize creates a session id.
+                metrics.observeRequest("initialize", transport, OK, seconds)
+            if requestLog is not None:
+                context = requestContextOf(request)
+                logRequest(
+                    requestLog,
+                    requestId=requestId,
+                    instance=context.instance if context is not None else None,
+                    sessionId=context.sessionId if context is not None else None,
+                    method=context.method if context is not None else None,
+                    status=code,
+                    duration=seconds,
+                    transport=transport,
+                    httpMethod=request.method.decode("latin-1"),
+                    path=(request.path or b"").decode("latin-1"),
+                )
+
+        request.notifyFinish().addBoth(finished)
 
 
 def instrumentFront(
@@ -979,15 +1008,27 @@ def instrumentFront(
     metrics: Metrics,
     token: Optional[str] = None,
     serveMetrics: bool = True,
+    requestLog: Optional[Logger] = None,
 ) -> IResource:
     """
-    Wrap the MCP front's resource (C{McpFront.resource()}): every response
-    with an HTTP error status under C{/mcp}, C{/sse} and C{/messages}
-    counts as an L{HTTP_ERROR} of method C{none}, timed from the moment
-    the resource was asked to render it; a Streamable HTTP C{initialize}
-    (the one answer that creates a session id) counts as an C{ok}
-    C{initialize}.  Everything else is left to L{MeteredDispatcher}.
+    Wrap the MCP front's resource (C{McpFront.resource()}).
+
+      - Every response with an HTTP error status under C{/mcp}, C{/sse}
+        and C{/messages} counts as an L{HTTP_ERROR} of method C{none},
+        timed from the moment the resource was asked to render it; a
+        Streamable HTTP C{initialize} (the one answer that creates a
+        session id) counts as an C{ok} C{initialize}.  Everything else is
+        left to L{MeteredDispatcher}.
+      - Every request gets an id (L{mcp_proxy.logs.requestIdFor}), sent
+        back as C{X-Request-Id}, and is rendered in a logging context
+        where that id is bound (L{mcp_proxy.logs.runInRequestContext}).
+      - With C{requestLog}, each request under those paths is logged at
+        debug level when it ends (L{mcp_proxy.logs.logRequest}), with the
+        instance, session and method the front bound
+        (L{mcp_proxy.logs.bindRequest}).
 
     @param serveMetrics: also answer C{GET /metrics} here, with C{token}.
+    @param requestLog: the logger of those events; C{None} (when the log
+        level is above debug) saves their cost.
     """
-    return _InstrumentedFront(inner, metrics, token, serveMetrics)
+    return _InstrumentedFront(inner, metrics, token, serveMetrics, requestLog)

@@ -42,7 +42,9 @@ from mcp_proxy.logs import (
     redact,
     redactEvent,
     redactUrl,
+    requestContextOf,
     requestIdFor,
+    runInRequestContext,
 )
 from mcp_proxy.session import sessionLogId
 
@@ -330,41 +332,77 @@ async def test_boundContextFollowsEachRequest() -> None:
         await deferLater(reactor, 0.01)
         log.warn("upstream {name} slow", name=name)
 
-    async def serve(requestId: str, sessionId: str) -> None:
-        bindRequest(requestId, "inst-" + requestId, sessionId)
+    async def serve(request: DummyRequest, sessionId: str) -> None:
+        context = bindRequest(request, "inst-" + requestIdFor(request), sessionId, "tools/call")
+        assert currentRequest() is context
         await deferLater(reactor, 0)
-        await inner(requestId)
-        log.error("done {requestId}", requestId=requestId)
+        await inner(requestIdFor(request))
+        log.error("done")
 
-    first = Deferred.fromCoroutine(serve("r1", "s-one"))
-    second = Deferred.fromCoroutine(serve("r2", "s-two"))
+    requests = []
+    for requestId in ("r1", "r2"):
+        request = DummyRequest([b"mcp"])
+        request.requestHeaders.setRawHeaders(b"x-request-id", [requestId.encode()])
+        requests.append(request)
+    first = Deferred.fromCoroutine(serve(requests[0], "s-one"))
+    second = Deferred.fromCoroutine(serve(requests[1], "s-two"))
     await first
     await second
     log.warn("outside")
     assert currentRequest() is None
     found = records(stream)
-    byMessage = {r["log_format"].split(" ")[0] + str(r.get("name", "")): r for r in found}
+    assert len(found) == 5
     for requestId, sessionId in (("r1", "s-one"), ("r2", "s-two")):
-        for key in ("upstream" + requestId, "done"):
-            matching = [
-                r
-                for r in found
-                if r.get("requestId") == requestId and r["log_format"].startswith(key[:4])
-            ]
-            assert matching, (key, found)
-            for r in matching:
-                assert r["instance"] == "inst-" + requestId
-                assert r["session"] == sessionLogId(sessionId)
-    outside = byMessage["outside"]
+        mine = [r for r in found if r.get("requestId") == requestId]
+        assert sorted(r["log_format"] for r in mine) == ["done", "upstream {name} slow"]
+        for r in mine:
+            assert r["instance"] == "inst-" + requestId
+            assert r["session"] == sessionLogId(sessionId)
+        assert sessionId not in stream.getvalue()
+    [outside] = [r for r in found if r["log_format"] == "outside"]
     assert "requestId" not in outside and "session" not in outside
     lines = textStream.getvalue().splitlines()
-    assert any(
-        line.endswith(
-            f"upstream r1 slow [requestId=r1 instance=inst-r1 session={sessionLogId('s-one')}]"
-        )
-        for line in lines
-    ), lines
+    expected = f"upstream r1 slow [requestId=r1 instance=inst-r1 session={sessionLogId('s-one')}]"
+    assert any(line.endswith(expected) for line in lines), lines
     assert lines[-1].endswith("outside")
+    context = requestContextOf(requests[0])
+    assert context is not None
+    assert (context.requestId, context.method, context.sessionId) == ("r1", "tools/call", "s-one")
+    assert "s-one" not in repr(context)
+    assert requestContextOf(DummyRequest([b""])) is None
+
+
+def test_runInRequestContext() -> None:
+    """
+    The request's id is bound while the function runs, and in coroutines
+    it starts, and not after.
+    """
+    events: list[dict[str, Any]] = []
+    log = Logger(namespace="t", observer=RedactingObserver(events.append))
+    request = DummyRequest([b"mcp"])
+    later: Deferred[None] = Deferred()
+
+    async def work() -> None:
+        log.info("before")
+        await later
+        log.info("after")
+
+    def render(value: int) -> int:
+        Deferred.fromCoroutine(work())
+        log.info("in render")
+        return value * 2
+
+    assert runInRequestContext(request, render, 21) == 42
+    assert currentRequest() is None
+    log.info("outside")
+    later.callback(None)
+    requestId = requestIdFor(request)
+    assert [(e["log_format"], e.get("requestId")) for e in events] == [
+        ("before", requestId),
+        ("in render", requestId),
+        ("outside", None),
+        ("after", requestId),
+    ]
 
 
 def test_observerFromEnvironment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 from zope.interface.verify import verifyObject
@@ -533,6 +533,7 @@ class Stack:
     key: str
     instanceId: str
     http: Any
+    requestEvents: list[dict[str, Any]]
 
     async def post(
         self, body: Any, key: Optional[str] = None, headers: Optional[dict[str, str]] = None
@@ -601,7 +602,11 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         sessions=sessions,
         pool=pool,
     )
-    site = makeSite(instrumentFront(front.resource(), metrics, TOKEN), 1024 * 1024)
+    requestEvents: list[dict[str, Any]] = []
+    requestLog = Logger(namespace="mcp_proxy.requests", observer=requestEvents.append)
+    site = makeSite(
+        instrumentFront(front.resource(), metrics, TOKEN, requestLog=requestLog), 1024 * 1024
+    )
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     pool.start()
     connections = HTTPConnectionPool(reactor, persistent=False)
@@ -616,6 +621,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
             key,
             instanceId,
             http,
+            requestEvents,
         )
     finally:
         await port.stopListening()
@@ -643,6 +649,8 @@ async def test_wholeProxy(stack: Stack) -> None:
     )
     assert code == 200, body
     assert headers.getRawHeaders("mcp-session-id")
+    [requestId] = headers.getRawHeaders("x-request-id")
+    assert len(requestId) == 16
     # What initialize did to the configurations and the database depends
     # on what the front announces; from here on, deltas are exact.
     code, text = await stack.scrape()
@@ -659,13 +667,27 @@ async def test_wholeProxy(stack: Stack) -> None:
     for word in ("one", "two"):
         called = await stack.rpc("tools/call", {"name": "echo", "arguments": {"text": word}})
         assert called["result"]["content"][0]["text"] == word
-    assert "result" in await stack.rpc("ping")
+    code, body, headers = await stack.post(
+        {"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={"X-Request-Id": "trace-42"}
+    )
+    assert code == 200 and "result" in body
+    assert headers.getRawHeaders("x-request-id") == ["trace-42"]
     assert "error" in await stack.rpc("made/up")
     assert "error" in await stack.rpc("tools/call", {"name": "nope", "arguments": {}})
     code, body, _ = await stack.post(
         {"jsonrpc": "2.0", "id": 1, "method": "ping"}, key="mcpp_not_a_valid_key_000000000000000"
     )
     assert code == 401
+
+    # One debug event per request, with its id, status and duration.
+    events = stack.requestEvents
+    assert [e["status"] for e in events] == [200] * 7 + [401]
+    assert all(e["log_level"] == LogLevel.debug for e in events)
+    assert all(e["transport"] == "streamable-http" for e in events)
+    assert all(e["duration"] >= 0 for e in events)
+    assert events[0]["requestId"] == requestId
+    assert events[4]["requestId"] == "trace-42"
+    assert len({e["requestId"] for e in events}) == 8
 
     code, _ = await stack.scrape(token=None)
     assert code == 401
