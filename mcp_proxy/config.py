@@ -70,6 +70,15 @@ def _str(value: str) -> str:
     return value
 
 
+def _onOff(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError("must be on or off")
+
+
 def _names(value: str) -> frozenset[str]:
     names = frozenset(part.strip().lower() for part in value.split(",") if part.strip())
     if not names:
@@ -155,6 +164,41 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "max-body-size", "10M", _size, "Largest request body (K, M, G suffixes); more gets 413."
     ),
     OptionSpec("sse-keepalive", "30", _positiveFloat, "Seconds between SSE keep-alive comments."),
+    OptionSpec(
+        "request-log",
+        "on",
+        _onOff,
+        "Write a request-log row per tools/call, tools/list, resources/read and "
+        "prompts/get (on or off).",
+    ),
+    OptionSpec(
+        "request-log-batch-size", "200", _positiveInt, "Request-log rows written per INSERT."
+    ),
+    OptionSpec(
+        "request-log-flush-interval",
+        "0.5",
+        _positiveFloat,
+        "Seconds at most between request-log writes.",
+    ),
+    OptionSpec(
+        "request-log-max-queue",
+        "10000",
+        _positiveInt,
+        "Request-log rows kept while the database is slow or down; beyond it the "
+        "oldest are dropped (and counted).",
+    ),
+    OptionSpec(
+        "request-log-max-data",
+        "5M",
+        _size,
+        "Largest request or response whose compressed copy is kept (McpServerRequestData).",
+    ),
+    OptionSpec(
+        "request-log-double-encode",
+        "off",
+        _onOff,
+        "Store the detail payloads double-encoded, as the origin did (on or off).",
+    ),
     OptionSpec(
         "client-timeout",
         "60",
@@ -282,6 +326,12 @@ class Settings:
     maxBodySize: int = 10 * 1024 * 1024
     sseKeepalive: float = 30.0
     clientTimeout: float = 60.0
+    requestLog: bool = True
+    requestLogBatchSize: int = 200
+    requestLogFlushInterval: float = 0.5
+    requestLogMaxQueue: int = 10000
+    requestLogMaxData: int = 5 * 1024 * 1024
+    requestLogDoubleEncode: bool = False
     allowedHosts: Optional[frozenset[str]] = None
     allowedOrigins: Optional[frozenset[str]] = None
 

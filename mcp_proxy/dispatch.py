@@ -9,10 +9,12 @@ back the encoded response.  The HTTP front decides how the bytes travel
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, ClassVar, Mapping, Optional, Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mcp_proxy import __version__, jsonrpc
@@ -44,6 +46,9 @@ class CallContext:
     @ivar sessionId: the session, or C{None} for a sessionless request.
     @ivar transport: C{"STREAMABLE_HTTPS"} or C{"SSE"} (as the request log
         records it).
+    @ivar userAgent: the client's C{User-Agent}, for the request log.
+    @ivar validationMode: the request said C{x-validation-mode: true}: it
+        is not logged (the origin's connection tests use it).
     """
 
     instanceId: str
@@ -52,6 +57,8 @@ class CallContext:
     sessionId: Optional[str]
     transport: str
     protocolVersion: str = LATEST_VERSION
+    userAgent: Optional[str] = None
+    validationMode: bool = False
 
 
 def negotiateVersion(requested: Any) -> str:
@@ -105,13 +112,17 @@ class Dispatcher:
 
     @ivar loadConfig: the instance configuration loader (cached).
     @ivar router: the routing core.
-    @ivar onRequest: called after each request with (context, method,
-        params, outcome) for the request log and metrics; may be C{None}.
+    @ivar onRequest: called after each routed request with C{(context,
+        method, params, result, error, durationMs)} for the request log and
+        metrics: C{result} is the already-encoded result (L{RawJSON}) or
+        C{None}, C{error} the L{JsonRpcError} or C{None}.  May be C{None}.
+    @ivar clock: times the requests.
     """
 
     loadConfig: LoadConfig
     router: Router
     onRequest: Optional[Callable[..., None]] = None
+    clock: Optional[IReactorTime] = None
     _log: Logger = field(factory=lambda: Logger(namespace="mcp_proxy.dispatch"))
 
     def initialize(
@@ -179,8 +190,12 @@ class Dispatcher:
                     jsonrpc.JsonRpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
                 )
             )
+        started = self._now()
         d = self._withConfig(ctx, lambda config: route(self, ctx, config, params, downstream))
-        return self._finish(d, ctx, requestId, method, params)
+        return self._finish(d, ctx, requestId, method, params, started)
+
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.monotonic()
 
     def _listTools(
         self,
@@ -286,16 +301,16 @@ class Dispatcher:
         requestId: jsonrpc.RequestId,
         method: str,
         params: Mapping[str, Any],
+        started: float,
     ) -> Deferred[bytes]:
         def ok(result: Any) -> bytes:
             if isinstance(result, _ListResult):
                 body = jsonrpc.RawJSON(b'{"tools":' + result.catalog.toolsJson + b"}")
-                encoded = jsonrpc.encodeResponseRaw(requestId, body)
             else:
-                encoded = encodeResult(requestId, result)
+                body = jsonrpc.RawJSON(jsonrpc.encode(result))
             if self.onRequest is not None:
-                self.onRequest(ctx, method, params, result, None)
-            return encoded
+                self.onRequest(ctx, method, params, body, None, (self._now() - started) * 1000)
+            return jsonrpc.encodeResponseRaw(requestId, body)
 
         def failed(reason: Any) -> bytes:
             error = errorFromException(reason.value, method)
@@ -309,7 +324,7 @@ class Dispatcher:
                     instance=ctx.instanceId,
                 )
             if self.onRequest is not None:
-                self.onRequest(ctx, method, params, None, error)
+                self.onRequest(ctx, method, params, None, error, (self._now() - started) * 1000)
             return encodeError(requestId, error)
 
         return d.addCallbacks(ok, failed)

@@ -22,12 +22,13 @@ from mcp_proxy import __version__
 from mcp_proxy.auth import Authenticator, ConfigLoader, RepositoryKeyLookup
 from mcp_proxy.cacheplugins import closeCache, openCache
 from mcp_proxy.config import Settings
-from mcp_proxy.dispatch import Dispatcher
+from mcp_proxy.dispatch import CallContext, Dispatcher
 from mcp_proxy.httpserver import makeSite
 from mcp_proxy.interfaces import IRepository
 from mcp_proxy.invalidation import InvalidatingRepository, Invalidator
 from mcp_proxy.relay import RelayHub
 from mcp_proxy.repository import openRepository
+from mcp_proxy.requestlog import RequestLog
 from mcp_proxy.router import Router
 from mcp_proxy.session import SessionTable
 from mcp_proxy.transport import McpFront
@@ -108,7 +109,25 @@ class ProxyService(MultiService):
             upstreamCapabilities=self.pool.capabilities,
             hub=self.hub,
         )
-        self.dispatcher = Dispatcher(loadConfig=self.configs.load, router=self.router)
+        self.requestLog: Optional[RequestLog] = (
+            RequestLog(
+                repository=self.repository,
+                reactor=reactor,
+                batchSize=settings.requestLogBatchSize,
+                flushInterval=settings.requestLogFlushInterval,
+                maxQueue=settings.requestLogMaxQueue,
+                maxDataBytes=settings.requestLogMaxData,
+                doubleEncode=settings.requestLogDoubleEncode,
+            )
+            if settings.requestLog
+            else None
+        )
+        self.dispatcher = Dispatcher(
+            loadConfig=self.configs.load,
+            router=self.router,
+            onRequest=self._answered,
+            clock=clock,
+        )
         self.front = McpFront(
             authenticator=self.authenticator,
             dispatcher=self.dispatcher,
@@ -172,6 +191,8 @@ class ProxyService(MultiService):
                 delay = min(delay * 2, DB_RETRY_MAX)
         if not self.running:
             return
+        if self.requestLog is not None:
+            self.requestLog.start()
         self._childrenStarted = True
         for child in self:
             child.startService()
@@ -230,6 +251,11 @@ class ProxyService(MultiService):
             await self.pool.stopAll()
         except Exception:
             log.failure("stopping the upstream processes failed")
+        if self.requestLog is not None:
+            try:
+                await self.requestLog.stop()
+            except Exception:
+                log.failure("flushing the request log failed")
         try:
             await self.repository.stop()
         except Exception:
@@ -240,6 +266,32 @@ class ProxyService(MultiService):
             except Exception:
                 log.failure("closing the cache failed")
         log.info("mcp-proxy stopped")
+
+    # -- per request ------------------------------------------------------
+
+    def _answered(
+        self,
+        ctx: CallContext,
+        method: str,
+        params: Any,
+        result: Any,
+        error: Any,
+        durationMs: float,
+    ) -> None:
+        """
+        A routed request was answered: log it (without waiting).
+        """
+        if self.requestLog is not None:
+            self.requestLog.record(
+                ctx,
+                method,
+                params,
+                result,
+                error,
+                durationMs,
+                userAgent=ctx.userAgent,
+                validationMode=ctx.validationMode,
+            )
 
     # -- relaying ---------------------------------------------------------
 

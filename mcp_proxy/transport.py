@@ -698,6 +698,8 @@ class McpFront:
             sessionId=session.id if session is not None else None,
             transport=STREAMABLE,
             protocolVersion=version or "2025-03-26",
+            userAgent=_header(request, b"user-agent"),
+            validationMode=_validationMode(request),
         )
         channel = ResponseChannel(request)
         downstream = self._downstream(principal.keyId, session, channel.send)
@@ -809,6 +811,8 @@ class McpFront:
             sessionId=session.id if session is not None else None,
             transport=STREAMABLE,
             protocolVersion=version,
+            userAgent=_header(request, b"user-agent"),
+            validationMode=_validationMode(request),
         )
         requests = [m for k, m in zip(kinds, messages) if k == "request"]
         if not requests:
@@ -923,9 +927,15 @@ class McpFront:
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "Invalid Request")
         self.sessions.touch(session)
         if kind == "request":
-            Deferred.fromCoroutine(self._answerOnStream(session, stream, message)).addErrback(
-                lambda f: log.failure("answering on the SSE stream failed", f)
-            )
+            Deferred.fromCoroutine(
+                self._answerOnStream(
+                    session,
+                    stream,
+                    message,
+                    _header(request, b"user-agent"),
+                    _validationMode(request),
+                )
+            ).addErrback(lambda f: log.failure("answering on the SSE stream failed", f))
         elif kind == "response":
             self._clientAnswered(session.keyId, message)
         else:
@@ -935,7 +945,12 @@ class McpFront:
         return b"Accepted"
 
     async def _answerOnStream(
-        self, session: Session, stream: SseStream, message: dict[str, Any]
+        self,
+        session: Session,
+        stream: SseStream,
+        message: dict[str, Any],
+        userAgent: Optional[str],
+        validationMode: bool,
     ) -> None:
         ctx = CallContext(
             instanceId=session.instanceId,
@@ -944,6 +959,8 @@ class McpFront:
             sessionId=session.id,
             transport=LEGACY_SSE,
             protocolVersion=session.protocolVersion,
+            userAgent=userAgent,
+            validationMode=validationMode,
         )
 
         def send(related: dict[str, Any]) -> bool:
@@ -986,6 +1003,13 @@ class McpFront:
         downstream = self._downstream(session.keyId, session, send)
         body = await self._dispatch(ctx, message, downstream, session)
         stream.event(body)
+
+
+def _validationMode(request: IRequest) -> bool:
+    """
+    Whether the request says C{x-validation-mode: true} (not logged).
+    """
+    return (_header(request, b"x-validation-mode") or "").strip().lower() == "true"
 
 
 def _dict(value: Any) -> dict[str, Any]:

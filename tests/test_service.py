@@ -276,3 +276,58 @@ async def test_inProcessAdminInvalidates(proxy: Proxy) -> None:
     code, body = await proxy.post(ping, key=other)
     assert code == 401
     assert body["error"]["message"] == "MCP server instance has been deleted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requestLogRows(proxy: Proxy) -> None:
+    """
+    N calls give exactly N request-log rows with their fields and readable
+    data; validation-mode requests are not logged; logging never makes a
+    request wait.
+    """
+    from mcp_proxy.requestlog import decodePayload
+
+    for i in range(5):
+        await proxy.call("echo", {"text": f"logged {i}"})
+    await proxy.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    response = await proxy.http.post(
+        proxy.url + "/mcp",
+        data=json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": "not logged"}},
+            }
+        ).encode(),
+        headers={
+            "X-API-Key": proxy.key,
+            "Content-Type": "application/json",
+            "x-validation-mode": "true",
+        },
+    )
+    assert response.code == 200
+    await response.content()
+    _, body = await proxy.post(
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "missing"}}
+    )
+    assert body["error"]["code"] == -32602
+    assert proxy.service.requestLog is not None
+    await proxy.service.requestLog.flush()
+    rows = await proxy.service.repository.listRequestLogs(proxy.instanceId, None, 100, True)
+    calls = [r for r in rows if r.method == "tools/call"]
+    lists = [r for r in rows if r.method == "tools/list"]
+    assert len(calls) == 6 and len(lists) == 1
+    ok = sorted((r for r in calls if r.responseStatus == "200"), key=lambda r: r.createdAt)
+    assert len(ok) == 5
+    for i, row in enumerate(ok):
+        assert row.toolName == "echo"
+        assert row.transportType == "STREAMABLE_HTTPS"
+        assert row.data is not None
+        request, _ = decodePayload(row.data.inputDataCompressed)
+        answer, _ = decodePayload(row.data.outputDataCompressed)
+        assert request["params"]["arguments"] == {"text": f"logged {i}"}
+        assert answer["content"][0]["text"] == f"logged {i}"
+    [failed] = [r for r in calls if r.responseStatus == "500"]
+    assert failed.errorCode == "-32602"
+    assert failed.data is None
