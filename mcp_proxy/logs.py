@@ -25,8 +25,8 @@ C{mcp_proxy/} on C{sys.path}.
 from __future__ import annotations
 
 import os
+import random
 import re
-import secrets
 import sys
 from contextvars import ContextVar, copy_context
 from typing import IO, Any, Callable, Mapping, Optional, TypeVar, Union
@@ -367,9 +367,11 @@ _T = TypeVar("_T")
 
 def newRequestId() -> str:
     """
-    A new request id: 64 random bits as 16 hex digits.
+    A new request id: 64 random bits as 16 hex digits.  Ids need to be
+    unique, not secret: the fast generator of L{random} (reseeded in forked
+    children) serves.
     """
-    return secrets.token_hex(8)
+    return f"{random.getrandbits(64):016x}"
 
 
 def requestIdFor(request: Any) -> str:
