@@ -276,14 +276,24 @@ class HasUpstreamHealth(Protocol):
 
 class RequestLogCounters(Protocol):
     """
-    The request log: its counters, as plain integers.
+    The request log: its counters, as plain integers (attributes or
+    properties).
     """
 
-    queued: int
-    written: int
-    dropped: int
-    failedWrites: int
-    queueDepth: int
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def written(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def failedWrites(self) -> int: ...
+
+    @property
+    def queueDepth(self) -> int: ...
 
 
 def _number(value: Any) -> float:
