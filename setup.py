@@ -25,6 +25,7 @@ setup(
         "treq>=26.7.0",
         "attrs>=26.1.0",
         "zope.interface>=8.7",
+        "prometheus-client>=0.26.0",
         "txredisapi>=1.6.0",
     ],
     extras_require={

@@ -107,6 +107,19 @@ class OptionSpec:
         return head + "".join(part.capitalize() for part in rest)
 
 
+def _logLevel(value: str) -> str:
+    from mcp_proxy.logs import parseLevel
+
+    parseLevel(value)
+    return value.strip().lower()
+
+
+def _logFormat(value: str) -> str:
+    from mcp_proxy.logs import parseFormat
+
+    return parseFormat(value)
+
+
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "database",
@@ -219,6 +232,26 @@ OPTIONS: tuple[OptionSpec, ...] = (
         _names,
         "Comma-separated Origins browsers may call from, or * for any "
         "(default: the request's own host and loopback).",
+    ),
+    OptionSpec(
+        "log-level",
+        "info",
+        _logLevel,
+        "Least severe log level written: debug, info, warn, error or critical.",
+    ),
+    OptionSpec("log-format", "text", _logFormat, "Log format: text, or json (RFC 7464 records)."),
+    OptionSpec(
+        "metrics-token",
+        None,
+        _str,
+        "Bearer token that /metrics requires (default: none; prefer the variable).",
+    ),
+    OptionSpec(
+        "metrics-listen",
+        None,
+        _str,
+        "Endpoint of a listener serving only /metrics; the main port then does not "
+        "(default: none).",
     ),
 )
 
@@ -334,6 +367,10 @@ class Settings:
     requestLogDoubleEncode: bool = False
     allowedHosts: Optional[frozenset[str]] = None
     allowedOrigins: Optional[frozenset[str]] = None
+    logLevel: str = "info"
+    logFormat: str = "text"
+    metricsToken: Optional[str] = None
+    metricsListen: Optional[str] = None
 
     def hostPolicy(self) -> Optional[frozenset[str]]:
         """

@@ -22,10 +22,11 @@ from mcp_proxy import __version__
 from mcp_proxy.auth import Authenticator, ConfigLoader, RepositoryKeyLookup
 from mcp_proxy.cacheplugins import closeCache, openCache
 from mcp_proxy.config import Settings
-from mcp_proxy.dispatch import CallContext, Dispatcher
+from mcp_proxy.dispatch import CallContext
 from mcp_proxy.httpserver import makeSite
 from mcp_proxy.interfaces import IRepository
 from mcp_proxy.invalidation import InvalidatingRepository, Invalidator
+from mcp_proxy.metrics import MeteredDispatcher, Metrics, instrumentFront, metricsResource
 from mcp_proxy.relay import RelayHub
 from mcp_proxy.repository import openRepository
 from mcp_proxy.requestlog import RequestLog
@@ -94,6 +95,7 @@ class ProxyService(MultiService):
         self.sessions = SessionTable(
             clock=clock, timeout=settings.sessionTimeout, maxSessions=settings.maxSessions
         )
+        self.metrics = Metrics()
         self.hub = RelayHub(onListChanged=self._listChanged)
         self.pool = UpstreamPool(
             reactor=reactor,
@@ -102,7 +104,7 @@ class ProxyService(MultiService):
             onMessage=self.hub.onUpstreamMessage,
         )
         self.router = Router(
-            callUpstream=self.pool.call,
+            callUpstream=self.metrics.instrumentUpstreamCall(self.pool.call),
             clock=clock,
             timeout=settings.upstreamTimeout,
             catalogTtl=settings.configCacheTtl,
@@ -122,7 +124,8 @@ class ProxyService(MultiService):
             if settings.requestLog
             else None
         )
-        self.dispatcher = Dispatcher(
+        self.dispatcher = MeteredDispatcher(
+            metrics=self.metrics,
             loadConfig=self.configs.load,
             router=self.router,
             onRequest=self._answered,
@@ -152,7 +155,31 @@ class ProxyService(MultiService):
         # Admin work done in this process goes through here, so that the
         # caches drop what it makes stale at once.
         self.admin: IRepository = InvalidatingRepository(self.repository, self.invalidator)
-        self.site = makeSite(self.front.resource(), settings.maxBodySize, clock=clock)
+        self.metrics.watch(
+            repository=self.repository,
+            authenticator=self.authenticator,
+            configLoader=self.configs,
+            authCache=self.authCache,
+            configCache=self.configCache,
+            sessions=self.sessions,
+            pool=self.pool,
+            requestLog=self.requestLog,
+        )
+        front = instrumentFront(
+            self.front.resource(),
+            self.metrics,
+            token=settings.metricsToken,
+            serveMetrics=settings.metricsListen is None,
+            requestLog=(
+                Logger(namespace="mcp_proxy.requests") if settings.logLevel == "debug" else None
+            ),
+        )
+        self.site = makeSite(front, settings.maxBodySize, clock=clock)
+        self.metricsSite = (
+            makeSite(metricsResource(self.metrics, settings.metricsToken), 64 * 1024, clock=clock)
+            if settings.metricsListen is not None
+            else None
+        )
         self.sessions.sweeperService(settings.sessionSweep).setServiceParent(self)
         self.pool.service().setServiceParent(self)
         self.ports: list[IListeningPort] = []
@@ -199,6 +226,9 @@ class ProxyService(MultiService):
         for description in self.settings.listen:
             endpoint = serverFromString(self.reactor, description)
             self.ports.append(await endpoint.listen(self.site))
+        if self.metricsSite is not None and self.settings.metricsListen is not None:
+            endpoint = serverFromString(self.reactor, self.settings.metricsListen)
+            self.ports.append(await endpoint.listen(self.metricsSite))
         self._ready = True
         waiters, self._readyWaiters = self._readyWaiters, []
         for waiter in waiters:

@@ -70,6 +70,13 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, description)
             except (ValueError, KeyError, TypeError) as e:
                 raise usage.UsageError(f"bad --listen value {description!r}: {e}") from None
+        if self.settings.metricsListen is not None:
+            try:
+                endpoints.serverFromString(reactor, self.settings.metricsListen)
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(
+                    f"bad --metrics-listen value {self.settings.metricsListen!r}: {e}"
+                ) from None
 
 
 def makeService(options: Any) -> IService:
@@ -84,4 +91,9 @@ def makeService(options: Any) -> IService:
     settings = options.settings
     if settings is None:
         settings = resolveSettings({}, ())
-    return ProxyService(settings, reactor)
+    from mcp_proxy.logs import LogObserverService, observerForTwistd
+
+    return LogObserverService(
+        ProxyService(settings, reactor),
+        observerForTwistd(settings.logLevel, settings.logFormat, options),
+    )

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from attrs import define, field
 from klein import Klein
+from werkzeug.exceptions import HTTPException
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -34,6 +35,7 @@ from mcp_proxy.dispatch import (
     Dispatcher,
     errorFromException,
 )
+from mcp_proxy.logs import bindRequest
 from mcp_proxy.relay import Downstream, RelayHub
 from mcp_proxy.session import SSE, STREAMABLE_HTTP, Session, SessionCapacityError, SessionTable
 
@@ -355,6 +357,14 @@ class McpFront:
             request, error.status, error.code, error.message, error.headers, error.requestId
         )
 
+    @app.handle_errors(HTTPException)
+    def _routingError(self, request: IRequest, failure: Failure) -> bytes:
+        error: HTTPException = failure.value  # type: ignore[assignment]
+        status = error.code or 500
+        message = "Not Found" if status == 404 else (error.name or "HTTP error")
+        code = jsonrpc.METHOD_NOT_FOUND if status in (404, 405) else jsonrpc.SERVER_ERROR
+        return self._errorBody(request, status, code, message)
+
     @app.handle_errors(Exception)
     def _unexpectedError(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unexpected error serving {path}", failure, path=request.path)
@@ -664,6 +674,12 @@ class McpFront:
         principal = await self._authenticate(request, instanceId)
         message = self._readBody(request)
         session = self._session(request, principal)
+        bindRequest(
+            request,
+            principal.instanceId,
+            session.id if session is not None else None,
+            _methodOf(message),
+        )
         if isinstance(message, list):
             return await self._batch(request, principal, session, message)
         kind = jsonrpc.classify(message)
@@ -829,6 +845,7 @@ class McpFront:
         self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
         session = self._session(request, principal)
+        bindRequest(request, principal.instanceId, session.id if session is not None else None)
         if session is None:
             raise HttpError(
                 400, jsonrpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"
@@ -852,6 +869,7 @@ class McpFront:
         self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
         session = self._session(request, principal)
+        bindRequest(request, principal.instanceId, session.id if session is not None else None)
         if session is None:
             raise HttpError(
                 400, jsonrpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"
@@ -922,6 +940,7 @@ class McpFront:
             if principal.keyId != session.keyId:
                 raise HttpError(404, jsonrpc.REQUEST_TIMEOUT, "Session not found")
         message = self._readBody(request)
+        bindRequest(request, session.instanceId, session.id, _methodOf(message))
         kind = jsonrpc.classify(message)
         if kind == "invalid":
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "Invalid Request")
@@ -1010,6 +1029,15 @@ def _validationMode(request: IRequest) -> bool:
     Whether the request says C{x-validation-mode: true} (not logged).
     """
     return (_header(request, b"x-validation-mode") or "").strip().lower() == "true"
+
+
+def _methodOf(message: Any) -> Optional[str]:
+    """
+    The method of a decoded message, for the logs; C{None} for a batch or
+    a message without one.
+    """
+    method = message.get("method") if isinstance(message, dict) else None
+    return method if isinstance(method, str) else None
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -115,15 +115,15 @@ def test_twoSessionsGetOnlyTheirOwnMessages(proxy: ProxyProcess) -> None:
 
             result = await sa.call_tool("progress", {"steps": 3}, progress_callback=onProgress)
             assert _text(result) == "progressed"
-            assert seen == [(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)]
+            assert seen == [(1.0, 3.0), (2.0, 3.0), (3.0, 3.0)], seen
 
             # Log messages go to the session whose call caused them.
             await sa.set_logging_level("debug")
             await sb.set_logging_level("debug")
             assert _text(await sb.call_tool("chatty", {"label": "from-b"})) == "from-b"
             assert _text(await sa.call_tool("chatty", {"label": "from-a"})) == "from-a"
-            assert [p.data for p in a.logs] == ["log from from-a"]
-            assert [p.data for p in b.logs] == ["log from from-b"]
+            assert [p.data for p in a.logs] == ["log from from-a"], a.logs
+            assert [p.data for p in b.logs] == ["log from from-b"], b.logs
 
             # Sampling: the request is relayed to the calling client only.
             assert _text(await sb.call_tool("ask", {"prompt": "hi"})) == "answer for b"
@@ -132,7 +132,7 @@ def test_twoSessionsGetOnlyTheirOwnMessages(proxy: ProxyProcess) -> None:
             # Resource updates go to subscribers only, whoever caused them.
             await sa.subscribe_resource("test://watched")
             assert _text(await sb.call_tool("touch", {"uri": "test://watched"})) == "touched"
-            for _ in range(100):
+            for _ in range(500):
                 if any(_isUpdate(n) for n in a.notifications):
                     break
                 await asyncio.sleep(0.02)

@@ -488,6 +488,43 @@ class FrontTests(SynchronousTestCase):
         response = self.successResultOf(self.stub.post(BASE + "/messages", data=b"{}"))
         self.assertEqual(response.code, 400)
 
+    def test_unknownPath(self) -> None:
+        """
+        A path the front does not serve gets 404 with a JSON-RPC error, not
+        a 500.
+        """
+        response = self.successResultOf(self.stub.get(BASE + "/nowhere"))
+        self.assertEqual(response.code, 404)
+        body = self.successResultOf(response.json())
+        self.assertEqual(body["error"]["code"], -32601)
+
+    def test_wrongMethodOnLegacyEndpoint(self) -> None:
+        """
+        A GET on the legacy POST endpoint gets 405.
+        """
+        response = self.successResultOf(self.stub.get(BASE + "/messages"))
+        self.assertEqual(response.code, 405)
+
+    def test_foreignHostAndOrigin(self) -> None:
+        """
+        With loopback-only hosts allowed, a foreign Host gets 421 and a
+        foreign Origin 403; loopback ones pass.
+        """
+        self.front.allowedHosts = frozenset({"127.0.0.1", "localhost", "::1"})
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        code, _, _ = self.post(
+            "/mcp", ping, headers={"Host": "evil.example.com", "Origin": "http://evil.example.com"}
+        )
+        self.assertEqual(code, 421)
+        code, _, _ = self.post(
+            "/mcp", ping, headers={"Host": "127.0.0.1:8080", "Origin": "http://evil.example.com"}
+        )
+        self.assertEqual(code, 403)
+        code, _, _ = self.post(
+            "/mcp", ping, headers={"Host": "127.0.0.1:8080", "Origin": "http://127.0.0.1:8080"}
+        )
+        self.assertEqual(code, 200)
+
 
 def _fired(value: Any) -> Any:
     from twisted.internet.defer import succeed
