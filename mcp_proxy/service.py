@@ -337,8 +337,11 @@ class ProxyService(MultiService):
 
     def _unsubscribeUpstream(self, emptied: list[Any]) -> None:
         """
-        Tell upstreams about subscriptions that no session holds any more.
+        Tell upstreams about subscriptions that no session holds any more
+        (not while stopping: the upstreams are stopping too).
         """
+        if not self.running:
+            return
         for instanceId, target, uri in emptied:
             d = self.pool.call(
                 instanceId,
