@@ -92,6 +92,10 @@ class UpstreamExited(UpstreamUnavailable):
 
 
 # The submodules import the errors above from this package.
+from mcp_proxy.upstream._peer import (  # noqa: E402
+    LATEST_PROTOCOL_VERSION,
+    SUPPORTED_PROTOCOL_VERSIONS,
+)
 from mcp_proxy.upstream.pool import (  # noqa: E402
     UpstreamFactory,
     UpstreamPool,
@@ -100,9 +104,7 @@ from mcp_proxy.upstream.pool import (  # noqa: E402
     stdioFactory,
 )
 from mcp_proxy.upstream.stdio import (  # noqa: E402
-    LATEST_PROTOCOL_VERSION,
     SAFE_ENV_NAMES,
-    SUPPORTED_PROTOCOL_VERSIONS,
     StdioUpstream,
     childEnvironment,
     resolveCommand,

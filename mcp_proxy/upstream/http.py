@@ -1,15 +1,15 @@
 """
 Remote upstreams over HTTP, and the Streamable HTTP one.
 
-L{RemoteUpstream} holds what the remote transports share: the treq client
-on a persistent connection pool (redirects never followed), the headers
-built from the config alone (L{mcp_proxy.upstream.headers}), the table of
-requests in flight with their timeouts and cancellation, the handling of
-what the server sends on its own (as L{StdioUpstream
-<mcp_proxy.upstream.stdio.StdioUpstream>} does), the handshake, and the
-ending.  L{StreamableHttpUpstream} speaks the Streamable HTTP transport
-(one POST per message, answers as JSON or as an event stream);
-L{SseUpstream<mcp_proxy.upstream.sse.SseUpstream>} the legacy HTTP+SSE one.
+L{RemoteUpstream} holds what the remote transports share beyond what
+every upstream does (L{mcp_proxy.upstream._peer}: the requests in flight,
+what the server sends on its own, the handshake): the treq client on a
+persistent connection pool (redirects never followed), the headers built
+from the config alone (L{mcp_proxy.upstream.headers}), an HTTP exchange
+per request, the start against a deadline, and the ending.
+L{StreamableHttpUpstream} speaks the Streamable HTTP transport (one POST
+per message, answers as JSON or as an event stream); L{SseUpstream
+<mcp_proxy.upstream.sse.SseUpstream>} the legacy HTTP+SSE one.
 
 A remote upstream ends (C{alive} false, C{onEnded} called, every call in
 flight failed with L{UpstreamUnavailable}) when its server cannot be
@@ -23,17 +23,10 @@ import json
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Mapping, Optional, Union, cast
 from urllib.parse import urlsplit
 
-from attrs import Factory, define, field
+from attrs import define, field
 from treq.client import HTTPClient
 from twisted.internet import error as netError
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    TimeoutError,
-    fail,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -52,26 +45,24 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-import mcp_proxy
 from mcp_proxy import jsonrpc
 from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from mcp_proxy.upstream._sseparse import EventStreamParser, EventTooLarge, ServerSentEvent
-from mcp_proxy.upstream.headers import upstreamHeaders
-from mcp_proxy.upstream.stdio import (
+from mcp_proxy.upstream._peer import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ENDED,
-    LATEST_PROTOCOL_VERSION,
-    NEW,
     READY,
     STARTING,
     STOPPING,
-    SUPPORTED_PROTOCOL_VERSIONS,
     EndedHook,
+    JsonRpcPeer,
     MessageHook,
+    PendingCall,
     cleanText,
 )
+from mcp_proxy.upstream._sseparse import EventStreamParser, EventTooLarge, ServerSentEvent
+from mcp_proxy.upstream.headers import upstreamHeaders
 
 if TYPE_CHECKING:
     from mcp_proxy.upstream.pool import UpstreamFactory
@@ -243,28 +234,21 @@ def checkUrl(name: str, url: Optional[str]) -> str:
     return url
 
 
-class _Pending:
+class _Pending(PendingCall):
     """
-    A request awaiting its response.
+    A request awaiting its response, with its HTTP exchange.
+
+    @ivar body: the encoded request, to send again after a new session.
+    @ivar exchange: the HTTP exchange carrying it, until it is over.
+    @ivar linger: closes the exchange a while after the response came.
+    @ivar retried: whether it was sent again after a new session.
     """
 
-    __slots__ = (
-        "body",
-        "deferred",
-        "exchange",
-        "linger",
-        "method",
-        "requestId",
-        "retried",
-        "timer",
-    )
+    __slots__ = ("body", "exchange", "linger", "retried")
 
     def __init__(self, requestId: int, method: str, body: bytes) -> None:
-        self.requestId = requestId
-        self.method = method
+        super().__init__(requestId, method)
         self.body = body
-        self.deferred: Deferred[Any] = Deferred()
-        self.timer: Optional[IDelayedCall] = None
         self.exchange: Optional[Deferred[None]] = None
         self.linger: Optional[IDelayedCall] = None
         self.retried = False
@@ -295,13 +279,14 @@ class _Waiters:
 
 @implementer(IUpstream)
 @define(eq=False)
-class RemoteUpstream:
+class RemoteUpstream(JsonRpcPeer[_Pending]):
     """
     What the remote transports share.  Subclasses say how a message is
     delivered (L{_deliver}), how a notification or reply is posted
     (L{_postMessage}), and what happens before the handshake
     (L{_connect}), after it (L{_afterStart}) and at stop
-    (L{_closeSession}).
+    (L{_closeSession}).  Settings, hooks and the request table are those
+    of L{JsonRpcPeer<mcp_proxy.upstream._peer.JsonRpcPeer>}, with:
 
     @ivar reactor: connects (C{IReactorTCP}, C{IReactorTime}; with TLS for
         https URLs).
@@ -309,10 +294,6 @@ class RemoteUpstream:
         the headers).
     @ivar clock: request timeouts, the start deadline, retries (default:
         C{reactor}).
-    @ivar clientCapabilities: the capabilities sent in C{initialize}.
-    @ivar onMessage: called as C{onMessage(upstream, message)} for each
-        notification and request from the server except C{ping}, exactly as
-        for L{StdioUpstream<mcp_proxy.upstream.stdio.StdioUpstream>}.
     @ivar onEnded: called once as C{onEnded(upstream, error)}: C{error} is
         C{None} after L{stop}, else the L{UpstreamUnavailable} that failed
         the calls in flight.
@@ -331,13 +312,8 @@ class RemoteUpstream:
         after the answer; then its connection is closed.
     """
 
-    reactor: Any
-    config: UpstreamConfig
-    clock: Optional[IReactorTime] = None
-    clientCapabilities: Mapping[str, Any] = Factory(dict)
-    onMessage: Optional[MessageHook] = None
-    onEnded: Optional[EndedHook] = None
-    startTimeout: Optional[float] = 30.0
+    _log = log
+
     connectTimeout: float = DEFAULT_CONNECT_TIMEOUT
     sendTimeout: float = 10.0
     stopTimeout: float = 2.0
@@ -346,30 +322,14 @@ class RemoteUpstream:
     endpointFactory: Optional[IAgentEndpointFactory] = None
     lingerTimeout: float = DEFAULT_LINGER
 
-    serverCapabilities: dict[str, Any] = field(init=False, factory=dict)
-    serverInfo: dict[str, Any] = field(init=False, factory=dict)
-    protocolVersion: Optional[str] = field(init=False, default=None)
-    instructions: Optional[str] = field(init=False, default=None)
-    alive: bool = field(init=False, default=False)
-    droppedResponses: int = field(init=False, default=0)
-
-    _state: str = field(init=False, default=NEW)
-    _nextId: int = field(init=False, default=0)
-    _pending: dict[int, _Pending] = field(init=False, factory=dict)
-    _serverRequests: dict[Union[str, int], Deferred[Any]] = field(init=False, factory=dict)
     _headers: dict[str, str] = field(init=False, factory=dict, repr=False)
     _ops: set[Deferred[Any]] = field(init=False, factory=set)
     _timers: set[IDelayedCall] = field(init=False, factory=set)
-    _fatal: Optional[UpstreamError] = field(init=False, default=None)
-    _stopRequested: bool = field(init=False, default=False)
-    _endedReported: bool = field(init=False, default=False)
-    _stopWaiters: list[Deferred[None]] = field(init=False, factory=list)
     _connectionPool: HTTPConnectionPool = field(init=False, repr=False)
     _http: HTTPClient = field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.clock is None:
-            self.clock = IReactorTime(self.reactor)
+        super().__attrs_post_init__()
         self._connectionPool = HTTPConnectionPool(self.reactor, persistent=True)
         self._connectionPool.maxPersistentPerHost = self.maxPersistentPerHost
         if self.endpointFactory is not None:
@@ -382,76 +342,11 @@ class RemoteUpstream:
             )
         self._http = HTTPClient(agent)
 
-    # -- IUpstream -----------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def inFlight(self) -> int:
-        return len(self._pending)
-
-    @property
-    def ready(self) -> bool:
-        """
-        Whether the handshake is done and requests are accepted.
-        """
-        return self._state == READY
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    def start(self) -> Deferred[None]:
-        """
-        Connect and run the C{initialize} handshake.
-
-        @return: a Deferred firing with C{None}, or failing with
-            L{UpstreamUnavailable} (the upstream is then stopped).
-        """
-        if self._state != NEW:
-            return fail(UpstreamError(f"upstream {self.name} was already started"))
-        return Deferred.fromCoroutine(self._start())
-
-    def request(
-        self, method: str, params: Optional[dict[str, Any]], timeout: Optional[float]
-    ) -> Deferred[Any]:
-        """
-        Send a request.
-
-        @param timeout: seconds, or C{None} for none.
-        @return: a Deferred firing with the result, or failing with
-            L{UpstreamError} (the upstream's JSON-RPC error with its code
-            and data, or an HTTP failure with its status),
-            L{UpstreamTimeout} or L{UpstreamUnavailable}.  Cancelling it,
-            or its timeout, abandons its HTTP exchange, sends
-            C{notifications/cancelled} upstream and drops a late answer.
-        """
-        if self._state != READY:
-            return fail(self._notRunning())
-        return self._request(method, params, timeout)
-
-    def notify(self, method: str, params: Optional[dict[str, Any]]) -> None:
-        """
-        Send a notification (best effort); dropped when not running.
-        """
-        self._sendMessage(jsonrpc.notification(method, params))
-
-    def stop(self) -> Deferred[None]:
+    def _beginStop(self) -> None:
         """
         Abandon what is in flight (failing it with L{UpstreamUnavailable}),
         end the session, and close every connection.
-
-        @return: a Deferred firing with C{None} once closed.  Calling it
-            again is harmless.
         """
-        if self._state == NEW:
-            self._state = ENDED
-        if self._state == ENDED:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._stopWaiters.append(waiter)
         if self._state in (STARTING, READY):
             self._stopRequested = True
             self._state = STOPPING
@@ -460,7 +355,6 @@ class RemoteUpstream:
             d.addErrback(
                 lambda f: log.failure("stopping upstream {upstream}", f, upstream=self.name)
             )
-        return waiter
 
     # -- subclass hooks ------------------------------------------------------
 
@@ -503,24 +397,14 @@ class RemoteUpstream:
     async def _start(self) -> None:
         self._state = STARTING
         self.alive = True
-        assert self.clock is not None
         deadline = None
         if self.startTimeout is not None:
-            deadline = self.clock.seconds() + self.startTimeout
+            deadline = self._clock.seconds() + self.startTimeout
         try:
             checkUrl(self.name, self.config.url)
             self._headers = upstreamHeaders(self.config)
             await self._connect(deadline)
-            result = await self._request(
-                "initialize",
-                {
-                    "protocolVersion": LATEST_PROTOCOL_VERSION,
-                    "capabilities": dict(self.clientCapabilities),
-                    "clientInfo": {"name": "mcp-proxy", "version": mcp_proxy.__version__},
-                },
-                self._remaining(deadline),
-            )
-            self._accept(result)
+            await self._initialize(self._remaining(deadline))
             if self._state != STARTING:
                 raise self._notRunning()
             await self._withTimeout(
@@ -552,8 +436,7 @@ class RemoteUpstream:
     def _remaining(self, deadline: Optional[float]) -> Optional[float]:
         if deadline is None:
             return None
-        assert self.clock is not None
-        return max(deadline - self.clock.seconds(), 0.001)
+        return max(deadline - self._clock.seconds(), 0.001)
 
     async def _withTimeout(
         self, work: Coroutine[Any, Any, None], timeout: Optional[float], what: str
@@ -565,21 +448,6 @@ class RemoteUpstream:
             await d
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {self.name} did not accept {what} in time")
-
-    def _accept(self, result: Any) -> None:
-        if not isinstance(result, dict):
-            raise UpstreamError(f"upstream {self.name}: the initialize result is not an object")
-        version = result.get("protocolVersion")
-        if version not in SUPPORTED_PROTOCOL_VERSIONS:
-            shown = cleanText(str(version).encode("utf-8", "replace")[:40])
-            raise UpstreamError(f"upstream {self.name}: unsupported protocol version {shown!r}")
-        capabilities = result.get("capabilities")
-        serverInfo = result.get("serverInfo")
-        instructions = result.get("instructions")
-        self.protocolVersion = version
-        self.serverCapabilities = capabilities if isinstance(capabilities, dict) else {}
-        self.serverInfo = serverInfo if isinstance(serverInfo, dict) else {}
-        self.instructions = instructions if isinstance(instructions, str) else None
 
     def _startError(self, e: Exception) -> UpstreamUnavailable:
         if isinstance(e, UpstreamUnavailable):
@@ -597,17 +465,7 @@ class RemoteUpstream:
         log.failure("upstream {upstream} failed to start", Failure(e), upstream=self.name)
         return UpstreamUnavailable(f"upstream {self.name} failed to start")
 
-    def _notRunning(self) -> UpstreamUnavailable:
-        if self._fatal is not None:
-            return UpstreamUnavailable(self._fatal.message)
-        return UpstreamUnavailable(f"upstream {self.name} is not running")
-
     # -- requests ------------------------------------------------------------
-
-    @property
-    def _clock(self) -> IReactorTime:
-        assert self.clock is not None
-        return self.clock
 
     def _callLater(self, delay: float, f: Callable[..., Any], *args: Any) -> IDelayedCall:
         call: Optional[IDelayedCall] = None
@@ -642,27 +500,10 @@ class RemoteUpstream:
 
         return d.addBoth(finished)
 
-    def _request(
-        self,
-        method: str,
-        params: Optional[dict[str, Any]],
-        timeout: Optional[float],
-    ) -> Deferred[Any]:
-        self._nextId += 1
-        requestId = self._nextId
-        try:
-            body = jsonrpc.encode(jsonrpc.request(requestId, method, params))
-        except (TypeError, ValueError) as e:
-            return fail(UpstreamError(f"cannot encode {method} request: {e}"))
-        entry = _Pending(requestId, method, body)
-        entry.deferred = Deferred(lambda d: self._cancelled(requestId))
-        if timeout is not None:
-            entry.timer = self._callLater(timeout, self._timedOut, requestId, timeout)
-        self._pending[requestId] = entry
-        self._send(entry)
-        return entry.deferred
+    def _newEntry(self, requestId: int, method: str, body: bytes) -> _Pending:
+        return _Pending(requestId, method, body)
 
-    def _send(self, entry: _Pending) -> None:
+    def _transmit(self, entry: _Pending, body: bytes) -> None:
         exchange: Deferred[None] = self._track(Deferred.fromCoroutine(self._deliver(entry)))
         if not exchange.called:
             entry.exchange = exchange
@@ -676,58 +517,15 @@ class RemoteUpstream:
 
         exchange.addBoth(finished)
 
-    def _settle(self, requestId: int) -> Optional[_Pending]:
-        """
-        Take a request out of the table, with its timer; its exchange may
-        linger a while (to finish reading) before it is abandoned.
-        """
-        entry = self._pending.pop(requestId, None)
-        if entry is None:
-            return None
-        self._cancelTimer(entry.timer)
-        entry.timer = None
-        return entry
-
     def _abandon(self, entry: _Pending) -> None:
+        """
+        Close the exchange of a request that timed out or was cancelled, or
+        whose response came C{lingerTimeout} ago (its stream was read on
+        until then).
+        """
         exchange, entry.exchange = entry.exchange, None
         if exchange is not None:
             exchange.cancel()
-
-    def _sendCancelled(self, requestId: int, method: str, reason: str) -> None:
-        if method != "initialize":
-            self._sendMessage(
-                jsonrpc.notification(
-                    "notifications/cancelled", {"requestId": requestId, "reason": reason}
-                )
-            )
-
-    def _timedOut(self, requestId: int, timeout: float) -> None:
-        entry = self._pending.get(requestId)
-        if entry is None:
-            return
-        entry.timer = None
-        self._settle(requestId)
-        self._abandon(entry)
-        self._sendCancelled(requestId, entry.method, f"timed out after {timeout:g} s")
-        entry.deferred.errback(
-            UpstreamTimeout(
-                f"upstream {self.name} did not answer {entry.method} within {timeout:g} s"
-            )
-        )
-
-    def _cancelled(self, requestId: int) -> None:
-        entry = self._settle(requestId)
-        if entry is None:
-            return
-        self._abandon(entry)
-        self._sendCancelled(requestId, entry.method, "cancelled by the client")
-        # Deferred.cancel now fails the Deferred with CancelledError.
-
-    def _failPending(self, error: UpstreamError) -> None:
-        pending, self._pending = self._pending, {}
-        for entry in pending.values():
-            self._cancelTimer(entry.timer)
-            entry.deferred.errback(Failure(error))
 
     def _exchangeFailed(self, entry: _Pending, reason: Failure) -> None:
         if self._pending.get(entry.requestId) is not entry or self._state in (STOPPING, ENDED):
@@ -762,14 +560,7 @@ class RemoteUpstream:
     # -- messages from the server ----------------------------------------------
 
     def _messageReceived(self, message: Any) -> None:
-        kind = jsonrpc.classify(message)
-        if kind == "response":
-            self._responseReceived(message)
-        elif kind == "request":
-            self._serverRequest(message)
-        elif kind == "notification":
-            self._serverNotification(message)
-        else:
+        if not self._dispatch(message):
             log.warn(
                 "upstream {upstream} sent something that is not a JSON-RPC message",
                 upstream=self.name,
@@ -794,102 +585,9 @@ class RemoteUpstream:
         else:
             self._messageReceived(message)
 
-    def _responseReceived(self, message: dict[str, Any]) -> None:
-        requestId = message.get("id")
-        entry = None
-        if isinstance(requestId, int) and not isinstance(requestId, bool):
-            entry = self._settle(requestId)
-        if entry is None:
-            self.droppedResponses += 1
-            log.debug(
-                "upstream {upstream} answered unknown or cancelled request {requestId}",
-                upstream=self.name,
-                requestId=requestId,
-            )
-            return
+    def _responseArrived(self, entry: _Pending) -> None:
         if entry.exchange is not None and entry.linger is None:
             entry.linger = self._callLater(self.lingerTimeout, self._abandon, entry)
-        if "error" in message:
-            error = message["error"]
-            if not isinstance(error, dict):
-                error = {}
-            code = error.get("code")
-            text = error.get("message")
-            entry.deferred.errback(
-                Failure(
-                    UpstreamError(
-                        text if isinstance(text, str) else "upstream error",
-                        code if isinstance(code, int) and not isinstance(code, bool) else None,
-                        error.get("data"),
-                        fromUpstream=True,
-                    )
-                )
-            )
-        else:
-            entry.deferred.callback(message.get("result"))
-
-    def _serverRequest(self, message: dict[str, Any]) -> None:
-        requestId = message["id"]
-        if message["method"] == "ping":
-            self._sendMessage(jsonrpc.response(requestId, {}))
-            return
-        if self.onMessage is None:
-            self._sendMessage(
-                jsonrpc.errorResponse(requestId, jsonrpc.METHOD_NOT_FOUND, "Method not found")
-            )
-            return
-        d = maybeDeferred(self.onMessage, self, message)
-        if not d.called:
-            self._serverRequests[requestId] = d
-
-        def answered(result: Any) -> None:
-            self._serverRequests.pop(requestId, None)
-            if result is None:
-                self._sendMessage(
-                    jsonrpc.errorResponse(requestId, jsonrpc.METHOD_NOT_FOUND, "Method not found")
-                )
-            else:
-                self._sendMessage(jsonrpc.response(requestId, result))
-
-        def failed(f: Failure) -> None:
-            self._serverRequests.pop(requestId, None)
-            if f.check(CancelledError):
-                return
-            if isinstance(f.value, jsonrpc.JsonRpcError):
-                e = f.value
-                self._sendMessage(jsonrpc.errorResponse(requestId, e.code, e.message, e.data))
-                return
-            log.failure(
-                "handling request {method} from upstream {upstream} failed",
-                f,
-                method=message["method"],
-                upstream=self.name,
-            )
-            self._sendMessage(
-                jsonrpc.errorResponse(requestId, jsonrpc.INTERNAL_ERROR, "Internal error")
-            )
-
-        d.addCallbacks(answered, failed)
-
-    def _serverNotification(self, message: dict[str, Any]) -> None:
-        if message["method"] == "notifications/cancelled":
-            params = message.get("params")
-            requestId = params.get("requestId") if isinstance(params, dict) else None
-            handler = None
-            if isinstance(requestId, (str, int)):
-                handler = self._serverRequests.get(requestId)
-            if handler is not None:
-                handler.cancel()
-                return
-        if self.onMessage is not None:
-            try:
-                self.onMessage(self, message)
-            except Exception:
-                log.failure(
-                    "handling notification {method} from upstream {upstream} failed",
-                    method=message["method"],
-                    upstream=self.name,
-                )
 
     def _sendMessage(self, message: dict[str, Any]) -> None:
         """
@@ -1066,10 +764,7 @@ class RemoteUpstream:
         await self._close()
 
     def _abandonAll(self, error: UpstreamError) -> None:
-        self._failPending(error)
-        for handler in list(self._serverRequests.values()):
-            handler.cancel()
-        self._serverRequests.clear()
+        super()._abandonAll(error)
         for call in list(self._timers):
             self._cancelTimer(call)
         for op in list(self._ops):
@@ -1079,21 +774,7 @@ class RemoteUpstream:
         try:
             await self._connectionPool.closeCachedConnections()
         finally:
-            self._state = ENDED
-            self.alive = False
-            waiters, self._stopWaiters = self._stopWaiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def _reportEnded(self, error: Optional[UpstreamError]) -> None:
-        if self._endedReported:
-            return
-        self._endedReported = True
-        if self.onEnded is not None:
-            try:
-                self.onEnded(self, error)
-            except Exception:
-                log.failure("onEnded hook of upstream {upstream} failed", upstream=self.name)
+            self._ended()
 
 
 @define(eq=False)
@@ -1274,16 +955,7 @@ class StreamableHttpUpstream(RemoteUpstream):
         log.info("upstream {upstream}: session expired; initializing again", upstream=self.name)
         self._stopListening()
         self._sessionId = None
-        result = await self._request(
-            "initialize",
-            {
-                "protocolVersion": LATEST_PROTOCOL_VERSION,
-                "capabilities": dict(self.clientCapabilities),
-                "clientInfo": {"name": "mcp-proxy", "version": mcp_proxy.__version__},
-            },
-            self.startTimeout,
-        )
-        self._accept(result)
+        await self._initialize(self.startTimeout)
         await self._withTimeout(
             self._postMessage(jsonrpc.encode(jsonrpc.notification("notifications/initialized"))),
             self.sendTimeout,

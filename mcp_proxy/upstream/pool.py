@@ -29,9 +29,10 @@ from twisted.python.failure import Failure
 from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.models import SSE, STDIO, STREAMABLE_HTTPS, UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from mcp_proxy.upstream._peer import DEFAULT_MAX_MESSAGE_SIZE, EndedHook, MessageHook
 from mcp_proxy.upstream.http import httpFactory
 from mcp_proxy.upstream.sse import sseFactory
-from mcp_proxy.upstream.stdio import DEFAULT_MAX_MESSAGE_SIZE, EndedHook, MessageHook, StdioUpstream
+from mcp_proxy.upstream.stdio import StdioUpstream
 
 log = Logger()
 

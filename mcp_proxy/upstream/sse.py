@@ -25,6 +25,13 @@ from twisted.web.iweb import IAgentEndpointFactory
 from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from mcp_proxy.upstream._peer import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    ENDED,
+    STOPPING,
+    EndedHook,
+    MessageHook,
+)
 from mcp_proxy.upstream._sseparse import ServerSentEvent
 from mcp_proxy.upstream.http import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -34,13 +41,6 @@ from mcp_proxy.upstream.http import (
     SessionGone,
     _Pending,
     connectionProblem,
-)
-from mcp_proxy.upstream.stdio import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    ENDED,
-    STOPPING,
-    EndedHook,
-    MessageHook,
 )
 
 if TYPE_CHECKING:

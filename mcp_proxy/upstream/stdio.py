@@ -13,34 +13,41 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
-from attrs import Factory, define, field
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IProcessTransport,
-    IReactorProcess,
-    IReactorTime,
-)
+from attrs import define, field
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import mcp_proxy
 from mcp_proxy import jsonrpc
 from mcp_proxy.interfaces import IUpstream
-from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import (
     UpstreamError,
     UpstreamExited,
     UpstreamTimeout,
     UpstreamUnavailable,
     _spawn,
+)
+from mcp_proxy.upstream._peer import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    ENDED,
+    LATEST_PROTOCOL_VERSION,
+    NEW,
+    READY,
+    STARTING,
+    STOPPING,
+    SUPPORTED_PROTOCOL_VERSIONS,
+    EndedHook,
+    JsonRpcPeer,
+    MessageHook,
+    PendingCall,
+    cleanText,
 )
 
 log = Logger()
@@ -50,24 +57,36 @@ stderrLog = Logger(namespace="mcp_proxy.upstream.stderr")
 # MCP SDKs do; everything else comes from the config.
 SAFE_ENV_NAMES = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER")
 
-SUPPORTED_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
-LATEST_PROTOCOL_VERSION = "2025-11-25"
-
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 STDERR_LINE_LIMIT = 4096
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-# States of a StdioUpstream.
-NEW = "new"
-STARTING = "starting"
-READY = "ready"
-STOPPING = "stopping"
+# The state of a StdioUpstream whose process has exited, while its group
+# and pipes are cleaned up (the others are those of every upstream).
 EXITED = "exited"
-ENDED = "ended"
 
-MessageHook = Callable[[Any, dict[str, Any]], Any]
-EndedHook = Callable[[Any, Optional[UpstreamError]], None]
+# The public names: with those of every upstream (from _peer), which were
+# defined here before and are still importable from here.
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "ENDED",
+    "EXITED",
+    "LATEST_PROTOCOL_VERSION",
+    "NEW",
+    "READY",
+    "SAFE_ENV_NAMES",
+    "STARTING",
+    "STOPPING",
+    "SUPPORTED_PROTOCOL_VERSIONS",
+    "CappedLines",
+    "EndedHook",
+    "LineSplitter",
+    "MessageHook",
+    "MessageTooLarge",
+    "StdioUpstream",
+    "childEnvironment",
+    "cleanText",
+    "describeExit",
+    "resolveCommand",
+]
 
 
 def childEnvironment(
@@ -217,15 +236,6 @@ class CappedLines:
         return line
 
 
-def cleanText(raw: bytes) -> str:
-    """
-    Untrusted bytes as one printable line: UTF-8 (invalid bytes replaced),
-    tabs as spaces, other control characters removed.
-    """
-    text = raw.decode("utf-8", "replace").replace("\t", " ")
-    return _CONTROL_CHARS.sub("", text)
-
-
 def describeExit(status: Optional[int], sig: Optional[int]) -> str:
     """
     C{"status 3"} or C{"signal 9"}.
@@ -233,19 +243,6 @@ def describeExit(status: Optional[int], sig: Optional[int]) -> str:
     if sig is not None:
         return f"signal {sig}"
     return f"status {status}"
-
-
-class _Pending:
-    """
-    A request awaiting its response.
-    """
-
-    __slots__ = ("deferred", "method", "timer")
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.deferred: Deferred[Any] = Deferred()
-        self.timer: Optional[IDelayedCall] = None
 
 
 class _UpstreamProcessProtocol(ProcessProtocol):
@@ -275,24 +272,17 @@ class _UpstreamProcessProtocol(ProcessProtocol):
 
 @implementer(IUpstream)
 @define(eq=False)
-class StdioUpstream:
+class StdioUpstream(JsonRpcPeer[PendingCall]):
     """
-    One MCP server process.
+    One MCP server process.  Settings, hooks and the request table are
+    those of L{JsonRpcPeer}, with:
 
-    @ivar reactor: spawns the process.
+    @ivar reactor: spawns the process (C{IReactorProcess}).
     @ivar config: what to run (C{command}, C{args}, C{env}) and its name.
     @ivar clock: timeouts and the stop grace periods (default: C{reactor}).
-    @ivar clientCapabilities: the capabilities sent in C{initialize}.
-    @ivar onMessage: called as C{onMessage(upstream, message)} for each
-        notification and each request from the server except C{ping} (which
-        is answered C{{}} here).  For a request, its result (or a Deferred
-        of it) is sent back as the response; C{None} answers "Method not
-        found"; a L{JsonRpcError<mcp_proxy.jsonrpc.JsonRpcError>} answers
-        that error.  A C{notifications/cancelled} for such a request cancels
-        that Deferred.
-    @ivar onEnded: called once as C{onEnded(upstream, error)} when the
-        process exits: C{error} is C{None} after L{stop}, else the
-        L{UpstreamError} that failed the in-flight calls.
+    @ivar onEnded: called once when the process exits: C{error} is C{None}
+        after L{stop}, else the L{UpstreamError} that failed the in-flight
+        calls.
     @ivar startTimeout: seconds the C{initialize} handshake may take.
     @ivar stopGrace: seconds between closing stdin, SIGTERM and SIGKILL.
     @ivar maxMessageSize: the longest stdout line; a longer one kills the
@@ -304,127 +294,45 @@ class StdioUpstream:
         counted and dropped.
     """
 
-    reactor: IReactorProcess
-    config: UpstreamConfig
-    clock: Optional[IReactorTime] = None
-    clientCapabilities: Mapping[str, Any] = Factory(dict)
-    onMessage: Optional[MessageHook] = None
-    onEnded: Optional[EndedHook] = None
-    startTimeout: Optional[float] = 30.0
+    _log = log
+
     stopGrace: float = 2.0
     maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE
     environ: Optional[Mapping[str, str]] = field(default=None, repr=False)
     cwd: Optional[str] = None
     stderrLinesPerSecond: int = 100
 
-    serverCapabilities: dict[str, Any] = field(init=False, factory=dict)
-    serverInfo: dict[str, Any] = field(init=False, factory=dict)
-    protocolVersion: Optional[str] = field(init=False, default=None)
-    instructions: Optional[str] = field(init=False, default=None)
-    alive: bool = field(init=False, default=False)
     pid: Optional[int] = field(init=False, default=None)
     exitStatus: Optional[int] = field(init=False, default=None)
     exitSignal: Optional[int] = field(init=False, default=None)
-    droppedResponses: int = field(init=False, default=0)
 
-    _state: str = field(init=False, default=NEW)
     _transport: Optional[IProcessTransport] = field(init=False, default=None)
-    _nextId: int = field(init=False, default=0)
-    _pending: dict[int, _Pending] = field(init=False, factory=dict)
-    _serverRequests: dict[Union[str, int], Deferred[Any]] = field(init=False, factory=dict)
     _splitter: LineSplitter = field(init=False)
     _stderr: CappedLines = field(init=False)
     _stderrWindow: int = field(init=False, default=-1)
     _stderrCount: int = field(init=False, default=0)
     _stderrSuppressed: int = field(init=False, default=0)
-    _fatal: Optional[UpstreamError] = field(init=False, default=None)
-    _stopRequested: bool = field(init=False, default=False)
     _timers: dict[str, IDelayedCall] = field(init=False, factory=dict)
     _pipesClosed: bool = field(init=False, default=False)
-    _exitDone: bool = field(init=False, default=False)
     _exitExpected: bool = field(init=False, default=False)
     _groupDone: bool = field(init=False, default=False)
     _groupStage: str = field(init=False, default="")
     _groupDeadline: float = field(init=False, default=0.0)
-    _stopWaiters: list[Deferred[None]] = field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
-        if self.clock is None:
-            self.clock = IReactorTime(self.reactor)
+        super().__attrs_post_init__()
         self._splitter = LineSplitter(self.maxMessageSize)
         self._stderr = CappedLines(STDERR_LINE_LIMIT)
 
-    # -- IUpstream -----------------------------------------------------------
+    # -- stop ----------------------------------------------------------------
 
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def inFlight(self) -> int:
-        return len(self._pending)
-
-    @property
-    def ready(self) -> bool:
-        """
-        Whether the handshake is done and requests are accepted.
-        """
-        return self._state == READY
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    def start(self) -> Deferred[None]:
-        """
-        Spawn the process and run the C{initialize} handshake.
-
-        @return: a Deferred firing with C{None}, or failing with
-            L{UpstreamUnavailable} (the process is then stopped).
-        """
-        if self._state != NEW:
-            return fail(UpstreamError(f"upstream {self.name} was already started"))
-        return Deferred.fromCoroutine(self._start())
-
-    def request(
-        self, method: str, params: Optional[dict[str, Any]], timeout: Optional[float]
-    ) -> Deferred[Any]:
-        """
-        Send a request.
-
-        @param timeout: seconds, or C{None} for none.
-        @return: a Deferred firing with the result, or failing with
-            L{UpstreamError} (the upstream's error, with its code and data),
-            L{UpstreamTimeout} or L{UpstreamUnavailable}.  Cancelling it, or
-            its timeout, sends C{notifications/cancelled} upstream and drops
-            a late answer.
-        """
-        if self._state != READY:
-            return fail(self._notRunning())
-        return self._request(method, params, timeout)
-
-    def notify(self, method: str, params: Optional[dict[str, Any]]) -> None:
-        """
-        Send a notification; dropped when the process is not running.
-        """
-        if self._state in (STARTING, READY):
-            self._write(jsonrpc.notification(method, params))
-
-    def stop(self) -> Deferred[None]:
+    def _beginStop(self) -> None:
         """
         Close stdin; after C{stopGrace} seconds SIGTERM the process group;
         after as many again SIGKILL it.  Members of the group that outlive
-        the process are signalled the same way.
-
-        @return: a Deferred firing with C{None} once the process and its
-            group have ended.  Calling it again is harmless.
+        the process are signalled the same way; L{stop} fires once the
+        process and its group have ended.
         """
-        if self._state == NEW:
-            self._state = ENDED
-        if self._state == ENDED:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._stopWaiters.append(waiter)
         if not self._stopRequested:
             self._stopRequested = True
             if self._state in (STARTING, READY):
@@ -433,80 +341,26 @@ class StdioUpstream:
                 assert self._transport is not None
                 self._transport.closeStdin()
                 self._timers["term"] = self._callLater(self.stopGrace, self._terminate)
-        return waiter
 
     # -- sending -------------------------------------------------------------
 
-    def _callLater(self, delay: float, f: Callable[..., Any], *args: Any) -> IDelayedCall:
-        assert self.clock is not None
-        return self.clock.callLater(delay, f, *args)
-
     def _notRunning(self) -> UpstreamUnavailable:
-        if self._fatal is not None:
-            return UpstreamUnavailable(self._fatal.message)
-        if self._state in (EXITED, ENDED) and not self._stopRequested:
+        if self._fatal is None and self._state in (EXITED, ENDED) and not self._stopRequested:
             how = describeExit(self.exitStatus, self.exitSignal)
             return UpstreamUnavailable(f"upstream {self.name} exited ({how})")
-        return UpstreamUnavailable(f"upstream {self.name} is not running")
+        return super()._notRunning()
 
-    def _write(self, message: dict[str, Any]) -> None:
+    def _sendMessage(self, message: dict[str, Any]) -> None:
         # Once stopping, stdin is closed (or the process is being killed).
         if self._transport is not None and self._state in (STARTING, READY):
             self._transport.write(jsonrpc.encode(message) + b"\n")
 
-    def _request(
-        self, method: str, params: Optional[dict[str, Any]], timeout: Optional[float]
-    ) -> Deferred[Any]:
-        self._nextId += 1
-        requestId = self._nextId
-        try:
-            data = jsonrpc.encode(jsonrpc.request(requestId, method, params)) + b"\n"
-        except (TypeError, ValueError) as e:
-            return fail(UpstreamError(f"cannot encode {method} request: {e}"))
-        entry = _Pending(method)
-        entry.deferred = Deferred(lambda d: self._cancelled(requestId))
-        if timeout is not None:
-            entry.timer = self._callLater(timeout, self._timedOut, requestId, timeout)
-        self._pending[requestId] = entry
+    def _newEntry(self, requestId: int, method: str, body: bytes) -> PendingCall:
+        return PendingCall(requestId, method)
+
+    def _transmit(self, entry: PendingCall, body: bytes) -> None:
         assert self._transport is not None
-        self._transport.write(data)
-        return entry.deferred
-
-    def _sendCancelled(self, requestId: int, method: str, reason: str) -> None:
-        if method != "initialize":
-            self._write(
-                jsonrpc.notification(
-                    "notifications/cancelled", {"requestId": requestId, "reason": reason}
-                )
-            )
-
-    def _timedOut(self, requestId: int, timeout: float) -> None:
-        entry = self._pending.pop(requestId, None)
-        if entry is None:
-            return
-        entry.timer = None
-        self._sendCancelled(requestId, entry.method, f"timed out after {timeout:g} s")
-        entry.deferred.errback(
-            UpstreamTimeout(
-                f"upstream {self.name} did not answer {entry.method} within {timeout:g} s"
-            )
-        )
-
-    def _cancelled(self, requestId: int) -> None:
-        entry = self._pending.pop(requestId, None)
-        if entry is None:
-            return
-        if entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-        self._sendCancelled(requestId, entry.method, "cancelled by the client")
-        # Deferred.cancel now fails the Deferred with CancelledError.
-
-    def _failPending(self, error: UpstreamError) -> None:
-        pending, self._pending = self._pending, {}
-        for entry in pending.values():
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
-            entry.deferred.errback(Failure(error))
+        self._transport.write(body + b"\n")
 
     # -- start ---------------------------------------------------------------
 
@@ -542,16 +396,7 @@ class StdioUpstream:
             command=os.path.basename(executable),
         )
         try:
-            result = await self._request(
-                "initialize",
-                {
-                    "protocolVersion": LATEST_PROTOCOL_VERSION,
-                    "capabilities": dict(self.clientCapabilities),
-                    "clientInfo": {"name": "mcp-proxy", "version": mcp_proxy.__version__},
-                },
-                self.startTimeout,
-            )
-            self._accept(result)
+            await self._initialize(self.startTimeout)
         except Exception as e:
             await self.stop()
             if isinstance(e, CancelledError):
@@ -561,7 +406,7 @@ class StdioUpstream:
             await self.stop()
             raise self._notRunning()
         self._state = READY
-        self._write(jsonrpc.notification("notifications/initialized"))
+        self._sendMessage(jsonrpc.notification("notifications/initialized"))
         log.info(
             "upstream {upstream} ready (pid {pid}, protocol {protocolVersion})",
             upstream=self.name,
@@ -569,19 +414,9 @@ class StdioUpstream:
             protocolVersion=self.protocolVersion,
         )
 
-    def _accept(self, result: Any) -> None:
-        if not isinstance(result, dict):
-            raise UpstreamError("initialize result is not an object")
-        version = result.get("protocolVersion")
-        if version not in SUPPORTED_PROTOCOL_VERSIONS:
-            raise UpstreamError(f"unsupported protocol version {version!r}")
-        capabilities = result.get("capabilities")
-        serverInfo = result.get("serverInfo")
-        instructions = result.get("instructions")
-        self.protocolVersion = version
-        self.serverCapabilities = capabilities if isinstance(capabilities, dict) else {}
-        self.serverInfo = serverInfo if isinstance(serverInfo, dict) else {}
-        self.instructions = instructions if isinstance(instructions, str) else None
+    def _initializeError(self, problem: str) -> UpstreamError:
+        # _startError names the upstream.
+        return UpstreamError(problem)
 
     def _startError(self, e: Exception) -> UpstreamUnavailable:
         if isinstance(e, UpstreamExited):
@@ -644,114 +479,12 @@ class StdioUpstream:
                 preview=cleanText(line[:200]),
             )
             return
-        kind = jsonrpc.classify(message)
-        if kind == "response":
-            self._responseReceived(message)
-        elif kind == "request":
-            self._serverRequest(message)
-        elif kind == "notification":
-            self._serverNotification(message)
-        else:
+        if not self._dispatch(message):
             log.warn(
                 "upstream {upstream} wrote a line that is not a JSON-RPC message: {preview}",
                 upstream=self.name,
                 preview=cleanText(line[:200]),
             )
-
-    def _responseReceived(self, message: dict[str, Any]) -> None:
-        requestId = message.get("id")
-        entry = None
-        if isinstance(requestId, int) and not isinstance(requestId, bool):
-            entry = self._pending.pop(requestId, None)
-        if entry is None:
-            self.droppedResponses += 1
-            log.debug(
-                "upstream {upstream} answered unknown or cancelled request {requestId}",
-                upstream=self.name,
-                requestId=requestId,
-            )
-            return
-        if entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-        if "error" in message:
-            error = message["error"]
-            if not isinstance(error, dict):
-                error = {}
-            code = error.get("code")
-            text = error.get("message")
-            entry.deferred.errback(
-                Failure(
-                    UpstreamError(
-                        text if isinstance(text, str) else "upstream error",
-                        code if isinstance(code, int) and not isinstance(code, bool) else None,
-                        error.get("data"),
-                        fromUpstream=True,
-                    )
-                )
-            )
-        else:
-            entry.deferred.callback(message.get("result"))
-
-    def _serverRequest(self, message: dict[str, Any]) -> None:
-        requestId = message["id"]
-        if message["method"] == "ping":
-            self._write(jsonrpc.response(requestId, {}))
-            return
-        if self.onMessage is None:
-            self._write(
-                jsonrpc.errorResponse(requestId, jsonrpc.METHOD_NOT_FOUND, "Method not found")
-            )
-            return
-        d = maybeDeferred(self.onMessage, self, message)
-        if not d.called:
-            self._serverRequests[requestId] = d
-
-        def answered(result: Any) -> None:
-            self._serverRequests.pop(requestId, None)
-            if result is None:
-                self._write(
-                    jsonrpc.errorResponse(requestId, jsonrpc.METHOD_NOT_FOUND, "Method not found")
-                )
-            else:
-                self._write(jsonrpc.response(requestId, result))
-
-        def failed(f: Failure) -> None:
-            self._serverRequests.pop(requestId, None)
-            if f.check(CancelledError):
-                return
-            if isinstance(f.value, jsonrpc.JsonRpcError):
-                e = f.value
-                self._write(jsonrpc.errorResponse(requestId, e.code, e.message, e.data))
-                return
-            log.failure(
-                "handling request {method} from upstream {upstream} failed",
-                f,
-                method=message["method"],
-                upstream=self.name,
-            )
-            self._write(jsonrpc.errorResponse(requestId, jsonrpc.INTERNAL_ERROR, "Internal error"))
-
-        d.addCallbacks(answered, failed)
-
-    def _serverNotification(self, message: dict[str, Any]) -> None:
-        if message["method"] == "notifications/cancelled":
-            params = message.get("params")
-            requestId = params.get("requestId") if isinstance(params, dict) else None
-            handler = None
-            if isinstance(requestId, (str, int)):
-                handler = self._serverRequests.get(requestId)
-            if handler is not None:
-                handler.cancel()
-                return
-        if self.onMessage is not None:
-            try:
-                self.onMessage(self, message)
-            except Exception:
-                log.failure(
-                    "handling notification {method} from upstream {upstream} failed",
-                    method=message["method"],
-                    upstream=self.name,
-                )
 
     def _stderrReceived(self, data: bytes) -> None:
         for raw, truncated in self._stderr.feed(data):
@@ -762,8 +495,7 @@ class StdioUpstream:
             self._stderrLine(raw, truncated)
 
     def _stderrLine(self, raw: bytes, truncated: bool) -> None:
-        assert self.clock is not None
-        window = int(self.clock.seconds())
+        window = int(self._clock.seconds())
         if window != self._stderrWindow:
             if self._stderrSuppressed:
                 stderrLog.warn(
@@ -790,8 +522,7 @@ class StdioUpstream:
     def _cancelTimers(self) -> None:
         timers, self._timers = self._timers, {}
         for timer in timers.values():
-            if timer.active():
-                timer.cancel()
+            self._cancelTimer(timer)
 
     def _terminate(self) -> None:
         self._timers.pop("term", None)
@@ -829,9 +560,8 @@ class StdioUpstream:
         Once the process has exited and its output has been read: fail what
         is still in flight and tell C{onEnded}.
         """
-        if self._exitDone:
+        if self._endedReported:
             return
-        self._exitDone = True
         ended: Optional[UpstreamError]
         if self._fatal is not None:
             ended = error = self._fatal
@@ -843,15 +573,8 @@ class StdioUpstream:
             ended = error = UpstreamExited(
                 f"upstream {self.name} exited ({how})", self.exitStatus, self.exitSignal
             )
-        if self.onEnded is not None:
-            try:
-                self.onEnded(self, ended)
-            except Exception:
-                log.failure("onEnded hook of upstream {upstream} failed", upstream=self.name)
-        self._failPending(error)
-        for handler in list(self._serverRequests.values()):
-            handler.cancel()
-        self._serverRequests.clear()
+        self._reportEnded(ended)
+        self._abandonAll(error)
 
     def _checkGroup(self) -> None:
         """
@@ -859,8 +582,8 @@ class StdioUpstream:
         then SIGKILL after C{stopGrace}, polling until it is empty.
         """
         self._timers.pop("group", None)
-        assert self.clock is not None and self.pid is not None
-        now = self.clock.seconds()
+        assert self.pid is not None
+        now = self._clock.seconds()
         if not _spawn.groupAlive(self.pid):
             self._groupFinished()
             return
@@ -904,8 +627,5 @@ class StdioUpstream:
 
     def _maybeEnded(self) -> None:
         if self._pipesClosed and self._groupDone and self._state != ENDED:
-            self._state = ENDED
             self._cancelTimers()
-            waiters, self._stopWaiters = self._stopWaiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+            self._ended()
