@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import process, reactor
@@ -463,6 +464,23 @@ async def test_factoryByTransport(pools) -> None:
     assert await pid(pool, makeConfig(TESTSERVER, transportType="SSE"))
     with pytest.raises(UpstreamUnavailable, match="transport STDIO is not supported"):
         await tool(pool, "echo", makeConfig(TESTSERVER, name="other"))
+
+
+def test_stdioFactorySettings() -> None:
+    """
+    stdioFactory passes its settings on, and merges its client capabilities
+    with the config's (which win).
+    """
+    make = stdioFactory(
+        reactor, clientCapabilities={"roots": {}, "sampling": {"a": 1}}, stopGrace=0.5
+    )
+    config = attrs.evolve(
+        makeConfig(TESTSERVER), clientCapabilities={"sampling": {}, "elicitation": {}}
+    )
+    upstream = make(config, None, None)
+    assert isinstance(upstream, StdioUpstream) and upstream.state == "new"
+    assert upstream.clientCapabilities == {"roots": {}, "sampling": {}, "elicitation": {}}
+    assert upstream.stopGrace == 0.5 and upstream.config is config
 
 
 @pytest_twisted.ensureDeferred

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import attrs
 import pytest
 import pytest_twisted
 from servers.remote_fake import FakeMcp
@@ -601,6 +602,25 @@ async def test_poolCall(servers) -> None:
         assert health["sse"]["alive"] and health["sse"]["transport"] == SSE
     finally:
         await within(pool.stop())
+
+
+@pytest.mark.parametrize(
+    "factory, kind", [(httpFactory, StreamableHttpUpstream), (sseFactory, SseUpstream)]
+)
+def test_factorySettings(factory: Any, kind: type) -> None:
+    """
+    httpFactory and sseFactory pass their settings on, and merge their client
+    capabilities with the config's (which win).
+    """
+    make = factory(reactor, clientCapabilities={"roots": {}, "sampling": {"a": 1}}, stopTimeout=7)
+    config = attrs.evolve(
+        makeConfig("http://127.0.0.1:1/mcp"),
+        clientCapabilities={"sampling": {}, "elicitation": {}},
+    )
+    upstream = make(config, None, None)
+    assert type(upstream) is kind and upstream.state == "new"
+    assert upstream.clientCapabilities == {"roots": {}, "sampling": {}, "elicitation": {}}
+    assert upstream.stopTimeout == 7 and upstream.config is config
 
 
 @pytest_twisted.ensureDeferred

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     ClassVar,
@@ -34,8 +35,12 @@ from twisted.python.failure import Failure
 
 import mcp_proxy
 from mcp_proxy import jsonrpc
+from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from mcp_proxy.upstream.pool import UpstreamFactory
 
 SUPPORTED_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 LATEST_PROTOCOL_VERSION = "2025-11-25"
@@ -537,3 +542,34 @@ class JsonRpcPeer(Generic[EntryT]):
         waiters, self._stopWaiters = self._stopWaiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+
+def factoryFor(
+    upstreamType: Callable[..., IUpstream],
+    reactor: Any,
+    clock: Optional[IReactorTime],
+    clientCapabilities: Optional[Mapping[str, Any]],
+    **settings: Any,
+) -> UpstreamFactory:
+    """
+    An L{UpstreamFactory<mcp_proxy.upstream.pool.UpstreamFactory>} of
+    C{upstreamType(reactor, config, ...)} with C{clock}, C{settings}, and
+    C{clientCapabilities} merged with the config's own (which win).
+    """
+
+    def make(
+        config: UpstreamConfig,
+        onMessage: Optional[MessageHook],
+        onEnded: Optional[EndedHook],
+    ) -> IUpstream:
+        return upstreamType(
+            reactor,
+            config,
+            clock=clock,
+            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
+            onMessage=onMessage,
+            onEnded=onEnded,
+            **settings,
+        )
+
+    return make

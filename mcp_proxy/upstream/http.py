@@ -47,7 +47,6 @@ from zope.interface import implementer
 
 from mcp_proxy import jsonrpc
 from mcp_proxy.interfaces import IUpstream
-from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from mcp_proxy.upstream._peer import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -55,11 +54,10 @@ from mcp_proxy.upstream._peer import (
     READY,
     STARTING,
     STOPPING,
-    EndedHook,
     JsonRpcPeer,
-    MessageHook,
     PendingCall,
     cleanText,
+    factoryFor,
 )
 from mcp_proxy.upstream._sseparse import EventStreamParser, EventTooLarge, ServerSentEvent
 from mcp_proxy.upstream.headers import upstreamHeaders
@@ -1060,25 +1058,16 @@ def httpFactory(
     of L{StreamableHttpUpstream}s with these settings.
     """
 
-    def make(
-        config: UpstreamConfig,
-        onMessage: Optional[MessageHook],
-        onEnded: Optional[EndedHook],
-    ) -> IUpstream:
-        return StreamableHttpUpstream(
-            reactor,
-            config,
-            clock=clock,
-            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
-            onMessage=onMessage,
-            onEnded=onEnded,
-            startTimeout=startTimeout,
-            connectTimeout=connectTimeout,
-            stopTimeout=stopTimeout,
-            maxMessageSize=maxMessageSize,
-            maxPersistentPerHost=maxPersistentPerHost,
-            endpointFactory=endpointFactory,
-            listen=listen,
-        )
-
-    return make
+    return factoryFor(
+        StreamableHttpUpstream,
+        reactor,
+        clock,
+        clientCapabilities,
+        startTimeout=startTimeout,
+        connectTimeout=connectTimeout,
+        stopTimeout=stopTimeout,
+        maxMessageSize=maxMessageSize,
+        maxPersistentPerHost=maxPersistentPerHost,
+        endpointFactory=endpointFactory,
+        listen=listen,
+    )

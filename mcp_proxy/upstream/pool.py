@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.models import SSE, STDIO, STREAMABLE_HTTPS, UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from mcp_proxy.upstream._peer import DEFAULT_MAX_MESSAGE_SIZE, EndedHook, MessageHook
+from mcp_proxy.upstream._peer import DEFAULT_MAX_MESSAGE_SIZE, EndedHook, MessageHook, factoryFor
 from mcp_proxy.upstream.http import httpFactory
 from mcp_proxy.upstream.sse import sseFactory
 from mcp_proxy.upstream.stdio import StdioUpstream
@@ -69,25 +69,16 @@ def stdioFactory(
     A factory of L{StdioUpstream}s with these settings.
     """
 
-    def make(
-        config: UpstreamConfig,
-        onMessage: Optional[MessageHook],
-        onEnded: Optional[EndedHook],
-    ) -> IUpstream:
-        return StdioUpstream(
-            reactor,
-            config,
-            clock=clock,
-            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
-            onMessage=onMessage,
-            onEnded=onEnded,
-            startTimeout=startTimeout,
-            stopGrace=stopGrace,
-            maxMessageSize=maxMessageSize,
-            environ=environ,
-        )
-
-    return make
+    return factoryFor(
+        StdioUpstream,
+        reactor,
+        clock,
+        clientCapabilities,
+        startTimeout=startTimeout,
+        stopGrace=stopGrace,
+        maxMessageSize=maxMessageSize,
+        environ=environ,
+    )
 
 
 def byTransport(factories: Mapping[str, UpstreamFactory]) -> UpstreamFactory:

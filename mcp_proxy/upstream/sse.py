@@ -22,16 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 
-from mcp_proxy.interfaces import IUpstream
-from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from mcp_proxy.upstream._peer import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    ENDED,
-    STOPPING,
-    EndedHook,
-    MessageHook,
-)
+from mcp_proxy.upstream._peer import DEFAULT_MAX_MESSAGE_SIZE, ENDED, STOPPING, factoryFor
 from mcp_proxy.upstream._sseparse import ServerSentEvent
 from mcp_proxy.upstream.http import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -210,24 +202,15 @@ def sseFactory(
     of L{SseUpstream}s with these settings.
     """
 
-    def make(
-        config: UpstreamConfig,
-        onMessage: Optional[MessageHook],
-        onEnded: Optional[EndedHook],
-    ) -> IUpstream:
-        return SseUpstream(
-            reactor,
-            config,
-            clock=clock,
-            clientCapabilities={**(clientCapabilities or {}), **config.clientCapabilities},
-            onMessage=onMessage,
-            onEnded=onEnded,
-            startTimeout=startTimeout,
-            connectTimeout=connectTimeout,
-            stopTimeout=stopTimeout,
-            maxMessageSize=maxMessageSize,
-            maxPersistentPerHost=maxPersistentPerHost,
-            endpointFactory=endpointFactory,
-        )
-
-    return make
+    return factoryFor(
+        SseUpstream,
+        reactor,
+        clock,
+        clientCapabilities,
+        startTimeout=startTimeout,
+        connectTimeout=connectTimeout,
+        stopTimeout=stopTimeout,
+        maxMessageSize=maxMessageSize,
+        maxPersistentPerHost=maxPersistentPerHost,
+        endpointFactory=endpointFactory,
+    )
