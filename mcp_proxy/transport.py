@@ -18,13 +18,13 @@ from urllib.parse import urlsplit
 
 from attrs import define, field
 from klein import Klein
-from werkzeug.exceptions import HTTPException
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 from mcp_proxy import __version__, jsonrpc
