@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import process, reactor
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from upstreamhelpers import ECHO, TESTSERVER, makeConfig, nothingLeftOver, within
 
 from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.models import UpstreamConfig
@@ -32,66 +31,12 @@ from mcp_proxy.upstream import (
     stdioFactory,
 )
 
-HERE = Path(__file__).parent
-TESTSERVER = str(HERE / "servers" / "testserver.py")
-ECHO = str(HERE.parent / "examples" / "echo_server.py")
-
-
-def makeConfig(
-    *args: str,
-    command: Optional[str] = sys.executable,
-    env: Optional[dict[str, str]] = None,
-    name: str = "test",
-    transportType: str = "STDIO",
-) -> UpstreamConfig:
-    return UpstreamConfig(
-        configId="config-" + name,
-        name=name,
-        transportType=transportType,
-        command=command,
-        args=tuple(args),
-        url=None,
-        env=env or {},
-        authType="NONE",
-        toolNames=frozenset(),
-    )
-
-
-def childPids() -> list[int]:
-    me = str(os.getpid()).encode()
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if stat[stat.rfind(b")") + 2 :].split()[1] == me:
-                pids.append(int(name))
-    return pids
-
 
 @pytest.fixture(autouse=True)
 def noLeftovers():
-    """
-    After each test: no new child process, none newly tracked by Twisted,
-    no new timer on the reactor.
-    """
-    children = set(childPids())
-    tracked = set(process.reapProcessHandlers)
-    timers = set(reactor.getDelayedCalls())
-    yield
-    assert set(childPids()) - children == set()
-    assert set(process.reapProcessHandlers) - tracked == set()
-    assert [c for c in reactor.getDelayedCalls() if c not in timers] == []
-
-
-def within(d: Deferred[Any], seconds: float = 20) -> Deferred[Any]:
-    """
-    A safety net against a hanging test; not a synchronisation.
-    """
-    return d.addTimeout(seconds, reactor)
+    """After each test: no new child process or timer."""
+    with nothingLeftOver():
+        yield
 
 
 @pytest_twisted.async_yield_fixture

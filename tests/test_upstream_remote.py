@@ -15,16 +15,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import attrs
 import pytest
 import pytest_twisted
+import upstreamhelpers
 from servers.remote_fake import FakeMcp
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
+from upstreamhelpers import SERVERS, Started, callTool, within
 from zope.interface.verify import verifyObject
 
 from mcp_proxy.interfaces import IUpstream
@@ -47,8 +48,7 @@ from mcp_proxy.upstream.http import (
 )
 from mcp_proxy.upstream.sse import SseUpstream, resolveEndpoint, sseFactory
 
-HERE = Path(__file__).parent
-FASTMCP = str(HERE / "servers" / "remote_fastmcp.py")
+FASTMCP = str(SERVERS / "remote_fastmcp.py")
 
 # The FastMCP servers: Streamable HTTP answering with JSON or with event
 # streams, and legacy SSE.
@@ -65,27 +65,9 @@ def makeConfig(
     env: Optional[dict[str, str]] = None,
     name: str = "remote",
 ) -> UpstreamConfig:
-    return UpstreamConfig(
-        configId="config-" + name,
-        name=name,
-        transportType=transportType,
-        command=None,
-        args=(),
-        url=url,
-        env=env or {},
-        authType="NONE",
-        toolNames=frozenset(),
+    return upstreamhelpers.makeConfig(
+        command=None, url=url, transportType=transportType, env=env, name=name
     )
-
-
-def within(d: Any, seconds: float = 20) -> Deferred[Any]:
-    """
-    A safety net against a hanging test (a Deferred or a coroutine); not a
-    synchronisation.
-    """
-    if inspect.iscoroutine(d):
-        d = Deferred.fromCoroutine(d)
-    return d.addTimeout(seconds, reactor)
 
 
 async def eventually(check: Callable[[], Any], seconds: float = 10) -> Any:
@@ -203,18 +185,14 @@ async def connect():
     """
     Start remote upstreams; stop them all after the test.
     """
-    made: list[RemoteUpstream] = []
 
-    async def make(config: UpstreamConfig, **kw: Any) -> RemoteUpstream:
+    def make(reactor: Any, config: UpstreamConfig, **kw: Any) -> RemoteUpstream:
         cls = SseUpstream if config.transportType == SSE else StreamableHttpUpstream
-        upstream = cls(reactor, config, **kw)
-        made.append(upstream)
-        await within(upstream.start())
-        return upstream
+        return cls(reactor, config, **kw)
 
-    yield make
-    for upstream in made:
-        await within(upstream.stop())
+    started = Started(make)
+    yield started
+    for upstream in await started.stopAll():
         assertClean(upstream)
 
 
@@ -228,12 +206,6 @@ async def fake():
     yield server
     server.closeStreams()
     await server.port.stopListening()
-
-
-async def callTool(
-    upstream: RemoteUpstream, name: str, timeout: float = 20, **arguments: Any
-) -> Any:
-    return await upstream.request("tools/call", {"name": name, "arguments": arguments}, timeout)
 
 
 def textOf(result: dict[str, Any]) -> str:

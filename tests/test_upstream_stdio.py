@@ -10,19 +10,28 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import pytest_twisted
-from twisted.internet import process, reactor
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from upstreamhelpers import (
+    ECHO,
+    SERVERS,
+    TESTSERVER,
+    Started,
+    callTool,
+    makeConfig,
+    nothingLeftOver,
+    within,
+)
 from zope.interface.verify import verifyObject
 
 from mcp_proxy.interfaces import IUpstream
 from mcp_proxy.jsonrpc import JsonRpcError
-from mcp_proxy.models import UpstreamConfig
 from mcp_proxy.upstream import (
     SAFE_ENV_NAMES,
     StdioUpstream,
@@ -36,70 +45,14 @@ from mcp_proxy.upstream import (
 )
 from mcp_proxy.upstream.stdio import CappedLines, LineSplitter, MessageTooLarge
 
-HERE = Path(__file__).parent
-TESTSERVER = str(HERE / "servers" / "testserver.py")
-FASTMCP = str(HERE / "servers" / "fastmcp_server.py")
-ECHO = str(HERE.parent / "examples" / "echo_server.py")
-
-
-def makeConfig(
-    *args: str,
-    command: Optional[str] = sys.executable,
-    env: Optional[dict[str, str]] = None,
-    name: str = "test",
-    transportType: str = "STDIO",
-) -> UpstreamConfig:
-    return UpstreamConfig(
-        configId="config-" + name,
-        name=name,
-        transportType=transportType,
-        command=command,
-        args=tuple(args),
-        url=None,
-        env=env or {},
-        authType="NONE",
-        toolNames=frozenset(),
-    )
-
-
-def childPids() -> list[int]:
-    """
-    The processes whose parent is this one (zombies included).
-    """
-    me = str(os.getpid()).encode()
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if stat[stat.rfind(b")") + 2 :].split()[1] == me:
-                pids.append(int(name))
-    return pids
+FASTMCP = str(SERVERS / "fastmcp_server.py")
 
 
 @pytest.fixture(autouse=True)
 def noLeftovers():
-    """
-    After each test: no new child process, none newly tracked by Twisted,
-    no new timer on the reactor.
-    """
-    children = set(childPids())
-    tracked = set(process.reapProcessHandlers)
-    timers = set(reactor.getDelayedCalls())
-    yield
-    assert set(childPids()) - children == set()
-    assert set(process.reapProcessHandlers) - tracked == set()
-    assert [c for c in reactor.getDelayedCalls() if c not in timers] == []
-
-
-def within(d: Deferred[Any], seconds: float = 20) -> Deferred[Any]:
-    """
-    A safety net against a hanging test; not a synchronisation.
-    """
-    return d.addTimeout(seconds, reactor)
+    """After each test: no new child process or timer."""
+    with nothingLeftOver():
+        yield
 
 
 @pytest_twisted.async_yield_fixture
@@ -107,17 +60,9 @@ async def spawn():
     """
     Start upstreams; stop them all after the test.
     """
-    made: list[StdioUpstream] = []
-
-    async def make(config: UpstreamConfig, **kw: Any) -> StdioUpstream:
-        upstream = StdioUpstream(reactor, config, **kw)
-        made.append(upstream)
-        await within(upstream.start())
-        return upstream
-
-    yield make
-    for upstream in made:
-        await within(upstream.stop())
+    started = Started(StdioUpstream)
+    yield started
+    await started.stopAll()
 
 
 class LogWatcher:
@@ -165,12 +110,6 @@ def subreaper():
     assert _spawn.setSubreaper(True)
     yield
     _spawn.setSubreaper(False)
-
-
-async def callTool(
-    upstream: StdioUpstream, name: str, timeout: Optional[float] = 20, **arguments: Any
-) -> Any:
-    return await upstream.request("tools/call", {"name": name, "arguments": arguments}, timeout)
 
 
 # -- pure parts ----------------------------------------------------------------
