@@ -43,9 +43,10 @@ class UpstreamFactory(Protocol):
 
     The upstream must call C{onMessage(upstream, message)} for the messages
     its server sends on its own (notifications, server-to-client requests;
-    see L{StdioUpstream.onMessage}) and C{onEnded(upstream, error)} once when
-    it ends (C{error} is C{None} after its C{stop()}).  A factory that cannot
-    serve the config's transport raises L{UpstreamUnavailable}.
+    see C{onMessage} of L{JsonRpcPeer<mcp_proxy.upstream._peer.JsonRpcPeer>})
+    and C{onEnded(upstream, error)} once when it ends (C{error} is C{None}
+    after its C{stop()}).  A factory that cannot serve the config's
+    transport raises L{UpstreamUnavailable}.
     """
 
     def __call__(
@@ -210,7 +211,8 @@ class UpstreamPool:
         a crash counts as the first in a row again.
     @ivar onMessage: called as C{onMessage(instanceId, config, upstream,
         message)} for what an upstream sends on its own; its result answers
-        a server-to-client request (see L{StdioUpstream.onMessage}).
+        a server-to-client request (see C{onMessage} of L{JsonRpcPeer
+        <mcp_proxy.upstream._peer.JsonRpcPeer>}).
     @ivar counters: per config name, C{starts}, C{restarts} and
         C{failures}, for the metrics.
     """
