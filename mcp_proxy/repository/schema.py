@@ -14,6 +14,9 @@ booleans as integers and timestamps as C{"YYYY-MM-DD HH:MM:SS.mmm"} text
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 from attrs import frozen
 
 MIGRATIONS_TABLE = "mcpproxy_schema_migrations"
@@ -53,15 +56,34 @@ class Migration:
         return splitStatements(self.sqlite if dialect == "sqlite" else self.postgresql)
 
 
+_DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
 def splitStatements(sql: str) -> list[str]:
     """
-    Split SQL text on semicolons that end a line, dropping comments-only
-    and empty pieces.
+    Split SQL text on semicolons that end a line, dropping comment lines
+    and empty pieces.  A semicolon inside a dollar-quoted body (C{$$ ...
+    $$}, C{$fn$ ... $fn$}: a PL/pgSQL function) does not split.
     """
+    pieces: list[str] = []
+    current: list[str] = []
+    quote: Optional[str] = None
+    for line in sql.splitlines():
+        if quote is None and line.strip().startswith("--"):
+            continue
+        current.append(line)
+        for match in _DOLLAR_QUOTE.finditer(line):
+            if quote is None:
+                quote = match.group(0)
+            elif match.group(0) == quote:
+                quote = None
+        if quote is None and line.rstrip().endswith(";"):
+            pieces.append("\n".join(current))
+            current = []
+    pieces.append("\n".join(current))
     out = []
-    for piece in sql.split(";\n"):
-        lines = [ln for ln in piece.strip().splitlines() if not ln.strip().startswith("--")]
-        text = "\n".join(lines).strip().rstrip(";").strip()
+    for piece in pieces:
+        text = piece.strip().rstrip(";").strip()
         if text:
             out.append(text)
     return out
@@ -485,7 +507,234 @@ INSERT INTO "User" ("id", "name", "createdAt", "updatedAt")
     VALUES ('{SYSTEM_USER_ID}', 'mcp-proxy', {_SQLITE_NOW}, {_SQLITE_NOW});
 """
 
-#: Every migration, oldest first.  Append; never edit an applied one.
+#: The PostgreSQL channel of change notifications (see L{mcp_proxy.changes}).
+CHANGE_CHANNEL = "mcpproxy_invalidate"
+
+# Triggers that tell every listening proxy what a committed change makes
+# stale, with pg_notify(CHANGE_CHANNEL, <JSON>), whoever wrote the change.
+# The payloads are those of mcp_proxy.changes: {"t": "key", "keyId",
+# "keyHash", "end"}, {"t": "instance", "instanceId", "keyHashes", "end"} and
+# {"t": "all"}; "end" says whether sessions end.  UPDATE triggers fire only
+# when a column the proxy caches changes (not on "lastUsedAt").  PostgreSQL
+# delivers a transaction's notifications at its commit, identical ones once.
+_CHANGE_NOTIFICATIONS_POSTGRESQL = """
+CREATE OR REPLACE FUNCTION mcpproxy_notify_all() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('mcpproxy_invalidate', '{"t": "all"}');
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION mcpproxy_notify_key() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    payload jsonb;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        payload := jsonb_build_object(
+            't', 'key', 'keyId', NEW.id, 'keyHash', NEW."apiKeyHash", 'end', false);
+    ELSIF TG_OP = 'DELETE' THEN
+        payload := jsonb_build_object(
+            't', 'key', 'keyId', OLD.id, 'keyHash', OLD."apiKeyHash", 'end', true);
+    ELSE
+        payload := jsonb_build_object(
+            't', 'key', 'keyId', NEW.id, 'keyHash', NEW."apiKeyHash",
+            'end', NOT NEW."isActive" OR NEW."expiresAt" IS NOT NULL
+                OR NEW."apiKeyHash" IS DISTINCT FROM OLD."apiKeyHash"
+                OR NEW."userMcpServerInstanceId" IS DISTINCT FROM OLD."userMcpServerInstanceId"
+                OR NEW.id IS DISTINCT FROM OLD.id);
+        IF NEW."apiKeyHash" IS DISTINCT FROM OLD."apiKeyHash" THEN
+            payload := payload || jsonb_build_object('oldKeyHash', OLD."apiKeyHash");
+        END IF;
+        IF NEW.id IS DISTINCT FROM OLD.id THEN
+            payload := payload || jsonb_build_object('oldKeyId', OLD.id);
+        END IF;
+    END IF;
+    PERFORM pg_notify('mcpproxy_invalidate', payload::text);
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION mcpproxy_notify_instance(
+    instance_id text, end_sessions boolean, with_keys boolean) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    hashes jsonb := '[]'::jsonb;
+    payload text;
+BEGIN
+    IF with_keys THEN
+        SELECT coalesce(jsonb_agg(k."apiKeyHash" ORDER BY k."apiKeyHash"), '[]'::jsonb)
+            INTO hashes
+            FROM "McpApiKey" k
+            WHERE k."userMcpServerInstanceId" = instance_id AND k."apiKeyHash" IS NOT NULL;
+    END IF;
+    payload := jsonb_build_object(
+        't', 'instance', 'instanceId', instance_id, 'keyHashes', hashes,
+        'end', end_sessions)::text;
+    IF octet_length(payload) > 7000 THEN
+        -- Too many keys for one notification (8000 bytes at most): drop
+        -- every cached key instead of naming them.
+        PERFORM pg_notify('mcpproxy_invalidate', '{"t": "all"}');
+        payload := jsonb_build_object(
+            't', 'instance', 'instanceId', instance_id, 'keyHashes', '[]'::jsonb,
+            'end', end_sessions)::text;
+    END IF;
+    PERFORM pg_notify('mcpproxy_invalidate', payload);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION mcpproxy_notify_instance_row() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM mcpproxy_notify_instance(OLD.id, true, true);
+        RETURN NULL;
+    END IF;
+    IF NEW.id IS DISTINCT FROM OLD.id THEN
+        PERFORM mcpproxy_notify_instance(OLD.id, true, false);
+    END IF;
+    PERFORM mcpproxy_notify_instance(
+        NEW.id,
+        NEW."deletedAt" IS NOT NULL
+            OR NEW."authType" IS DISTINCT FROM OLD."authType"
+            OR NEW."organizationId" IS DISTINCT FROM OLD."organizationId"
+            OR NEW.id IS DISTINCT FROM OLD.id,
+        true);
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION mcpproxy_notify_tool_group() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    group_id text;
+    ending boolean;
+    instance_id text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        group_id := OLD.id;
+        ending := true;
+    ELSE
+        group_id := NEW.id;
+        ending := NOT NEW."isEnabled"
+            OR NEW."organizationId" IS DISTINCT FROM OLD."organizationId";
+    END IF;
+    FOR instance_id IN
+        SELECT id FROM "UserMcpServerInstance" WHERE "toolGroupId" = group_id
+    LOOP
+        PERFORM mcpproxy_notify_instance(instance_id, ending, true);
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION mcpproxy_notify_tool_group_tool() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    old_group text;
+    new_group text;
+    instance_id text;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        old_group := OLD."toolGroupId";
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_group := NEW."toolGroupId";
+    END IF;
+    FOR instance_id IN
+        SELECT id FROM "UserMcpServerInstance" WHERE "toolGroupId" IN (old_group, new_group)
+    LOOP
+        PERFORM mcpproxy_notify_instance(instance_id, false, false);
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER mcpproxy_change_insert_delete AFTER INSERT OR DELETE ON "McpApiKey"
+    FOR EACH ROW EXECUTE PROCEDURE mcpproxy_notify_key();
+CREATE TRIGGER mcpproxy_change_update AFTER UPDATE ON "McpApiKey"
+    FOR EACH ROW WHEN (
+        OLD."isActive" IS DISTINCT FROM NEW."isActive"
+        OR OLD."expiresAt" IS DISTINCT FROM NEW."expiresAt"
+        OR OLD."apiKeyHash" IS DISTINCT FROM NEW."apiKeyHash"
+        OR OLD."userMcpServerInstanceId" IS DISTINCT FROM NEW."userMcpServerInstanceId"
+        OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE PROCEDURE mcpproxy_notify_key();
+
+CREATE TRIGGER mcpproxy_change_delete AFTER DELETE ON "UserMcpServerInstance"
+    FOR EACH ROW EXECUTE PROCEDURE mcpproxy_notify_instance_row();
+CREATE TRIGGER mcpproxy_change_update AFTER UPDATE ON "UserMcpServerInstance"
+    FOR EACH ROW WHEN (
+        OLD."deletedAt" IS DISTINCT FROM NEW."deletedAt"
+        OR OLD."authType" IS DISTINCT FROM NEW."authType"
+        OR OLD."toolGroupId" IS DISTINCT FROM NEW."toolGroupId"
+        OR OLD."organizationId" IS DISTINCT FROM NEW."organizationId"
+        OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE PROCEDURE mcpproxy_notify_instance_row();
+
+CREATE TRIGGER mcpproxy_change_delete AFTER DELETE ON "UserToolGroup"
+    FOR EACH ROW EXECUTE PROCEDURE mcpproxy_notify_tool_group();
+CREATE TRIGGER mcpproxy_change_update AFTER UPDATE ON "UserToolGroup"
+    FOR EACH ROW WHEN (
+        OLD."isEnabled" IS DISTINCT FROM NEW."isEnabled"
+        OR OLD."organizationId" IS DISTINCT FROM NEW."organizationId"
+        OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE PROCEDURE mcpproxy_notify_tool_group();
+
+CREATE TRIGGER mcpproxy_change AFTER INSERT OR UPDATE OR DELETE ON "UserToolGroupTool"
+    FOR EACH ROW EXECUTE PROCEDURE mcpproxy_notify_tool_group_tool();
+
+CREATE TRIGGER mcpproxy_change_delete AFTER DELETE ON "UserMcpServerConfig"
+    FOR EACH ROW EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_update AFTER UPDATE ON "UserMcpServerConfig"
+    FOR EACH ROW WHEN (
+        OLD."envVars" IS DISTINCT FROM NEW."envVars"
+        OR OLD.name IS DISTINCT FROM NEW.name
+        OR OLD."mcpServerId" IS DISTINCT FROM NEW."mcpServerId"
+        OR OLD."organizationId" IS DISTINCT FROM NEW."organizationId"
+        OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE PROCEDURE mcpproxy_notify_all();
+
+CREATE TRIGGER mcpproxy_change_delete AFTER DELETE ON "McpServer"
+    FOR EACH ROW EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_update AFTER UPDATE ON "McpServer"
+    FOR EACH ROW WHEN (
+        OLD."transportType" IS DISTINCT FROM NEW."transportType"
+        OR OLD.command IS DISTINCT FROM NEW.command
+        OR OLD.args IS DISTINCT FROM NEW.args
+        OR OLD.url IS DISTINCT FROM NEW.url
+        OR OLD."authType" IS DISTINCT FROM NEW."authType"
+        OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE PROCEDURE mcpproxy_notify_all();
+
+CREATE TRIGGER mcpproxy_change_update AFTER UPDATE ON "Tool"
+    FOR EACH ROW WHEN (
+        OLD.name IS DISTINCT FROM NEW.name
+        OR OLD."mcpServerId" IS DISTINCT FROM NEW."mcpServerId"
+        OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE PROCEDURE mcpproxy_notify_all();
+
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "McpApiKey"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "UserMcpServerInstance"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "UserToolGroup"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "UserToolGroupTool"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "UserMcpServerConfig"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "McpServer"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+CREATE TRIGGER mcpproxy_change_truncate AFTER TRUNCATE ON "Tool"
+    FOR EACH STATEMENT EXECUTE PROCEDURE mcpproxy_notify_all();
+"""
+
+#: Every migration, oldest first.  Append; never edit an applied one.  Both
+#: dialects have every version (an empty text records the version only: a
+#: SQLite database has no other process to notify).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _INITIAL_SQLITE, _INITIAL_POSTGRESQL),
+    Migration("0002_change_notifications", "", _CHANGE_NOTIFICATIONS_POSTGRESQL),
 )
