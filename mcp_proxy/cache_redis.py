@@ -551,6 +551,14 @@ class RedisCache:
         factory.startConnecting(self._endpoint())
         return factory
 
+    def endpoint(self) -> IStreamClientEndpoint:
+        """
+        A client endpoint to this cache's Redis server, with the TLS and
+        certificate checks of the cache's own connections: for a dedicated
+        connection, e.g. a subscriber's (L{mcp_proxy.changes}).
+        """
+        return self._endpoint()
+
     def _endpoint(self) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self.reactor, self.host, self.port, timeout=self.connectTimeout

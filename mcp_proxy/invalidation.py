@@ -53,21 +53,27 @@ class Invalidator:
             )
         return _all(steps)
 
-    def instance(self, instanceId: str, keyHashes: Iterable[str] = ()) -> Deferred[None]:
+    def instance(
+        self, instanceId: str, keyHashes: Iterable[str] = (), endSessions: bool = True
+    ) -> Deferred[None]:
         """
-        Forget everything cached about an instance, and end its sessions.
+        Forget everything cached about an instance, and end its sessions
+        (unless C{endSessions} is false: its tools changed, not whether it
+        may be used).
         """
         self.router.invalidate(instanceId)
-        return _all(
-            [
-                self.authenticator.invalidateInstance(instanceId),
-                self.authenticator.invalidateKeyHashes(list(keyHashes)),
-                self.configs.invalidate(instanceId),
+        steps = [
+            self.authenticator.invalidateInstance(instanceId),
+            self.authenticator.invalidateKeyHashes(list(keyHashes)),
+            self.configs.invalidate(instanceId),
+        ]
+        if endSessions:
+            steps.append(
                 self.sessions.closeWhere(
                     lambda s: s.instanceId == instanceId, "MCP server instance deleted"
-                ),
-            ]
-        )
+                )
+            )
+        return _all(steps)
 
     def everything(self) -> Deferred[None]:
         """
