@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from mcp_proxy import __version__
 from mcp_proxy.auth import Authenticator, ConfigLoader, RepositoryKeyLookup
 from mcp_proxy.cacheplugins import closeCache, openCache
+from mcp_proxy.changes import PostgresChangeListener, RedisChangeListener, redisCacheOf
 from mcp_proxy.config import Settings
 from mcp_proxy.dispatch import CallContext
 from mcp_proxy.httpserver import makeSite
@@ -155,6 +156,25 @@ class ProxyService(MultiService):
         # Admin work done in this process goes through here, so that the
         # caches drop what it makes stale at once.
         self.admin: IRepository = InvalidatingRepository(self.repository, self.invalidator)
+        # Changes made by other processes (mcpproxy-admin, other programs
+        # writing the database) arrive as PostgreSQL notifications, and as
+        # Redis messages when the cache is Redis (mcp_proxy.changes).
+        self.changeListeners: list[PostgresChangeListener | RedisChangeListener] = []
+        if self.repository.kind == "postgresql":
+            self.changeListeners.append(
+                PostgresChangeListener(
+                    dsn=getattr(self.repository, "dsn", settings.database.dsn),
+                    reactor=reactor,
+                    invalidator=self.invalidator,
+                )
+            )
+        sharedCache = redisCacheOf(self.authCache)
+        if sharedCache is not None:
+            self.changeListeners.append(
+                RedisChangeListener(
+                    cache=sharedCache, reactor=reactor, invalidator=self.invalidator
+                )
+            )
         self.metrics.watch(
             repository=self.repository,
             authenticator=self.authenticator,
@@ -218,6 +238,8 @@ class ProxyService(MultiService):
                 delay = min(delay * 2, DB_RETRY_MAX)
         if not self.running:
             return
+        for listener in self.changeListeners:
+            await listener.start()
         if self.requestLog is not None:
             self.requestLog.start()
         self._childrenStarted = True
@@ -267,6 +289,11 @@ class ProxyService(MultiService):
         await DeferredList(
             [maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
         )
+        for listener in self.changeListeners:
+            try:
+                await listener.stop()
+            except Exception:
+                log.failure("stopping a change listener failed")
         if self._childrenStarted:
             self._childrenStarted = False
             stops = [
