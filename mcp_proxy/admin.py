@@ -1063,7 +1063,7 @@ async def cmdInstanceDelete(ctx: Context) -> None:
         {"deleted": instance.id, "apiKeys": len(hashes)},
         lambda: ctx.out.line(
             f"deleted instance {instance.name!r} ({instance.id}); its API keys "
-            f"({len(hashes)}) no longer work (a running proxy forgets cached keys within --auth-cache-ttl)"
+            f"({len(hashes)}) no longer work ({_reach(ctx)})"
         ),
     )
 
@@ -1177,10 +1177,7 @@ async def cmdKeyRevoke(ctx: Context) -> None:
     now = utcnow()
     ctx.out.emit(
         keyJSON(key, now),
-        lambda: ctx.out.line(
-            f"revoked API key {key.id} ({key.display}); a running proxy forgets cached "
-            "keys within --auth-cache-ttl"
-        ),
+        lambda: ctx.out.line(f"revoked API key {key.id} ({key.display}); {_reach(ctx)}"),
     )
 
 
@@ -1336,6 +1333,13 @@ def _addGlobalOptions(parser: argparse.ArgumentParser) -> None:
         metavar="SALT",
         default=argparse.SUPPRESS,
         help=f"salt appended to API keys before hashing (default: ${ENV_PREFIX}KEY_SALT)",
+    )
+    group.add_argument(
+        "--cache",
+        metavar="SPEC",
+        default=argparse.SUPPRESS,
+        help="the proxies' --cache: with redis://..., each change is also published on "
+        f"Redis and dropped from the shared cache (default: ${ENV_PREFIX}CACHE, else memory)",
     )
     group.add_argument(
         "--json",
@@ -1765,6 +1769,42 @@ def resolveOptions(args: argparse.Namespace, environ: Mapping[str, str]) -> None
         raise AdminError(str(e))
     salt = getattr(args, "key_salt", None)
     args.key_salt = salt if salt is not None else environ.get(ENV_PREFIX + "KEY_SALT", "")
+    cache = getattr(args, "cache", None)
+    args.cache = cache if cache is not None else environ.get(ENV_PREFIX + "CACHE", "memory")
+    from mcp_proxy.cacheplugins import parseCacheSpec
+
+    args.sharedCache = parseCacheSpec(args.cache)[0] == "redis"
+
+
+def changePublishers(reactor: Any, args: argparse.Namespace, repo: Any) -> list[Any]:
+    """
+    Who tells running proxies about the changes of this run (see
+    L{mcp_proxy.changes}): on PostgreSQL with the origin's schema, where no
+    trigger does it, C{NOTIFY}; with a Redis C{--cache}, C{PUBLISH} (and
+    deleting the changed entries from the shared cache).  On a database of
+    mcp-proxy's own schema, its triggers notify.
+    """
+    from mcp_proxy.changes import PostgresChangePublisher, RedisChangePublisher, redisCacheOf
+
+    publishers: list[Any] = []
+    if repo.kind == "postgresql" and repo.originSchema:
+        publishers.append(PostgresChangePublisher(args.databaseURL.dsn, reactor))
+    if args.sharedCache:
+        from mcp_proxy.cacheplugins import openCache
+
+        shared = redisCacheOf(openCache(args.cache, reactor))
+        if shared is not None:
+            publishers.append(RedisChangePublisher(shared))
+    return publishers
+
+
+def _reach(ctx: Context) -> str:
+    """
+    How soon running proxies stop using what a change made stale.
+    """
+    if ctx.args.databaseURL.kind == "postgresql" or ctx.args.sharedCache:
+        return "running proxies drop their cached copies within a second"
+    return "a running proxy forgets cached keys within --auth-cache-ttl"
 
 
 def _describeError(error: BaseException) -> tuple[str, int]:
@@ -1806,6 +1846,7 @@ async def run(
     out = Output(args.json, stdout, stderr)
     repo = None
     started = False
+    publishers: list[Any] = []
     try:
         schemaBefore = None
         if getattr(args, "migrates", False):
@@ -1819,7 +1860,13 @@ async def run(
                 f"{' '.join(str(e).split()) or type(e).__name__}"
             )
         started = True
-        ctx = Context(reactor, repo, args, out, args.key_salt, environ, schemaBefore)
+        publishers = changePublishers(reactor, args, repo)
+        commandRepo: Any = repo
+        if publishers:
+            from mcp_proxy.changes import ChangePublishingRepository
+
+            commandRepo = ChangePublishingRepository(repo, publishers, out.warn)
+        ctx = Context(reactor, commandRepo, args, out, args.key_salt, environ, schemaBefore)
         await args.handler(ctx)
         return EXIT_OK
     except Exception as e:
@@ -1827,6 +1874,11 @@ async def run(
         stderr.write(f"{PROG}: error: {message}\n")
         return code
     finally:
+        for publisher in publishers:
+            try:
+                await publisher.close()
+            except Exception as e:
+                stderr.write(f"{PROG}: warning: closing {publisher.name}: {e}\n")
         if repo is not None and started:
             try:
                 await repo.stop()
