@@ -1,8 +1,9 @@
 """
 A real proxy process for end-to-end tests: C{mcpproxy-admin} prepares a
-SQLite database (importing an mcpServers file that runs
+database (SQLite by default; importing an mcpServers file that runs
 examples/echo_server.py), then C{twistd -n mcpproxy} serves it on a free
-loopback port.
+loopback port.  Several proxies may serve one database: prepare it once
+with L{prepare}, and give each L{startProxy} the result.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ProxyProcess:
     instanceId: str
     key: str
     logPath: Path
+    keyId: str = ""
 
     @property
     def base(self) -> str:
@@ -106,21 +108,47 @@ class ProxyProcess:
         return self.logPath.read_text(errors="replace")
 
 
-def startProxy(tmp: Path, *options: str, servers: Optional[dict[str, Any]] = None) -> ProxyProcess:
+def prepare(database: str, tmp: Path, servers: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """
-    Prepare a database with a demo instance and start a proxy on it.
+    Initialise a database and import a demo instance with a key.
 
     @param servers: the C{mcpServers} entries (default: the echo server).
+    @return: what C{mcpproxy-admin import --json --key} printed.
     """
-    database = f"sqlite:///{tmp}/proxy.sqlite3"
     serversFile = tmp / "servers.json"
     if servers is None:
         servers = {"echo": {"command": sys.executable, "args": [str(ECHO)]}}
     serversFile.write_text(json.dumps({"mcpServers": servers}))
     admin(database, "init")
-    imported = admin(database, "import", str(serversFile), "--instance", "demo", "--key")
+    imported: dict[str, Any] = admin(
+        database, "import", str(serversFile), "--instance", "demo", "--key"
+    )
+    return imported
+
+
+def startProxy(
+    tmp: Path,
+    *options: str,
+    servers: Optional[dict[str, Any]] = None,
+    database: Optional[str] = None,
+    imported: Optional[dict[str, Any]] = None,
+    name: str = "proxy",
+) -> ProxyProcess:
+    """
+    Prepare a database with a demo instance and start a proxy on it.
+
+    @param servers: the C{mcpServers} entries (default: the echo server).
+    @param database: the database URL (default: a SQLite file in C{tmp}).
+    @param imported: what L{prepare} returned for C{database}, which is
+        then not prepared again.
+    @param name: the name of the proxy's log file in C{tmp}.
+    """
+    if database is None:
+        database = f"sqlite:///{tmp}/proxy.sqlite3"
+    if imported is None:
+        imported = prepare(database, tmp, servers)
     port = freePort()
-    logPath = tmp / "proxy.log"
+    logPath = tmp / f"{name}.log"
     log = logPath.open("wb")
     process = subprocess.Popen(
         [
@@ -143,7 +171,13 @@ def startProxy(tmp: Path, *options: str, servers: Optional[dict[str, Any]] = Non
         cwd=str(tmp),
     )
     proxy = ProxyProcess(
-        process, port, database, imported["instance"]["id"], imported["key"], logPath
+        process,
+        port,
+        database,
+        imported["instance"]["id"],
+        imported["key"],
+        logPath,
+        imported.get("keyId") or "",
     )
     deadline = time.monotonic() + 30
     while True:
