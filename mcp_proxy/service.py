@@ -50,13 +50,15 @@ class ProxyService(MultiService):
     A whole proxy.
 
     Start order: the database connects (retrying with backoff while it is
-    unreachable) and migrates; then the session sweeper, the upstream pool
-    and finally the listening ports start.  A port that cannot be bound
-    stops the process.
+    unreachable) and migrates; then the change listeners make their first
+    attempt (L{mcp_proxy.changes}: PostgreSQL LISTEN, Redis SUBSCRIBE; they
+    keep retrying in the background), and the session sweeper, the
+    upstream pool and finally the listening ports start.  A port that
+    cannot be bound stops the process.
 
     @ivar ports: the listening ports, once started.  Stop order: the ports close,
-    streams and sessions end, the upstream processes stop (no orphans), and
-    the database closes last.
+    the change listeners stop, streams and sessions end, the upstream
+    processes stop (no orphans), and the database closes last.
     """
 
     def __init__(
