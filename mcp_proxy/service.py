@@ -209,7 +209,7 @@ class ProxyService(MultiService):
         self._starting: Optional[Deferred[None]] = None
         self._ready = False
         self._readyWaiters: list[Deferred[None]] = []
-        self._healthCache: Optional[tuple[float, tuple[int, dict[str, Any]]]] = None
+        self._healthCache: Optional[tuple[float, str]] = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -393,30 +393,36 @@ class ProxyService(MultiService):
     async def health(self) -> tuple[int, dict[str, Any]]:
         """
         The state of the proxy: 200 when the database answers, else 503
-        naming the failing part.  Cached for a second, so that a health
-        check flood cannot load the database.
+        naming the failing part.  The database check is reused for a
+        second, so that a flood of health checks cannot load the database;
+        sessions and upstreams are read fresh each time.
         """
         now = self.reactor.seconds()
         if self._healthCache is not None and now - self._healthCache[0] < HEALTH_CACHE_SECONDS:
-            return self._healthCache[1]
-        body: dict[str, Any] = {"status": "ok", "version": __version__}
-        status = 200
+            database = self._healthCache[1]
+        else:
+            database = await self._pingDatabase()
+            self._healthCache = (now, database)
+        ok = database == "ok"
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "unavailable",
+            "version": __version__,
+            "database": database,
+            "databaseKind": self.repository.kind,
+            "sessions": self.sessions.counts(),
+            "upstreams": self.pool.health(),
+        }
+        if not ok:
+            body["failing"] = ["database"]
+        return (200 if ok else 503), body
+
+    async def _pingDatabase(self) -> str:
         try:
             d = self.repository.ping()
             d.addTimeout(HEALTH_DB_TIMEOUT, self.reactor)
             await d
-            body["database"] = "ok"
         except TimeoutError:
-            body["database"] = "timeout"
-            status = 503
+            return "timeout"
         except Exception as e:
-            body["database"] = f"unavailable: {e.__class__.__name__}"
-            status = 503
-        if status != 200:
-            body["status"] = "unavailable"
-            body["failing"] = ["database"]
-        body["databaseKind"] = self.repository.kind
-        body["sessions"] = self.sessions.counts()
-        body["upstreams"] = self.pool.health()
-        self._healthCache = (now, (status, body))
-        return status, body
+            return f"unavailable: {e.__class__.__name__}"
+        return "ok"
