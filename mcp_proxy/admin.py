@@ -1776,25 +1776,32 @@ def resolveOptions(args: argparse.Namespace, environ: Mapping[str, str]) -> None
     args.sharedCache = parseCacheSpec(args.cache)[0] == "redis"
 
 
-def changePublishers(reactor: Any, args: argparse.Namespace, repo: Any) -> list[Any]:
+async def changePublishers(reactor: Any, args: argparse.Namespace, repo: Any) -> list[Any]:
     """
     Who tells running proxies about the changes of this run (see
     L{mcp_proxy.changes}): on PostgreSQL with the origin's schema, where no
     trigger does it, C{NOTIFY}; with a Redis C{--cache}, C{PUBLISH} (and
     deleting the changed entries from the shared cache).  On a database of
-    mcp-proxy's own schema, its triggers notify.
+    mcp-proxy's own schema, its triggers notify.  Nothing connects before
+    the first change.
+
+    @raise SettingsError: for a C{--cache} that names no backend.
     """
+    from mcp_proxy.cacheplugins import DEFAULT_BACKEND, closeCache, openCache, parseCacheSpec
     from mcp_proxy.changes import PostgresChangePublisher, RedisChangePublisher, redisCacheOf
 
     publishers: list[Any] = []
     if repo.kind == "postgresql" and repo.originSchema:
         publishers.append(PostgresChangePublisher(args.databaseURL.dsn, reactor))
-    if args.sharedCache:
-        from mcp_proxy.cacheplugins import openCache
-
-        shared = redisCacheOf(openCache(args.cache, reactor))
+    if parseCacheSpec(args.cache)[0] != DEFAULT_BACKEND:
+        # Another backend than Redis has no change channel; it is opened
+        # (without I/O) only to check the value.
+        cache = openCache(args.cache, reactor)
+        shared = redisCacheOf(cache)
         if shared is not None:
             publishers.append(RedisChangePublisher(shared))
+        else:
+            await closeCache(cache)
     return publishers
 
 
@@ -1860,7 +1867,7 @@ async def run(
                 f"{' '.join(str(e).split()) or type(e).__name__}"
             )
         started = True
-        publishers = changePublishers(reactor, args, repo)
+        publishers = await changePublishers(reactor, args, repo)
         commandRepo: Any = repo
         if publishers:
             from mcp_proxy.changes import ChangePublishingRepository
