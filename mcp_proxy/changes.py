@@ -337,13 +337,13 @@ class _Reconnecting:
             self.stats["connects"] += 1
             connectedAt = self.reactor.seconds()
             if flush:
-                self.stats["flushes"] += 1
                 log.info(
                     "{name}: listening again; dropping every cached entry "
                     "(changes may have been missed meanwhile)",
                     name=self.name,
                 )
                 await self.invalidator.everything()
+                self.stats["flushes"] += 1
             else:
                 log.info("{name}: listening", name=self.name)
             flush = True
@@ -458,7 +458,8 @@ class PostgresChangeListener:
         connection is given up.
     @ivar stats: counters: C{received} notifications, C{invalid} ones,
         C{connects} (successful LISTENs), C{failures} (attempts that
-        failed), C{flushes} (everything dropped after a reconnection),
+        failed), C{flushes} (everything dropped after a reconnection,
+        counted once done),
         C{heartbeats} answered.
     @ivar backendPid: the server process of the current connection.
     """

@@ -564,9 +564,9 @@ async def test_listenerReconnects(pgProxy: ProxyService, raw: Any) -> None:
     assert pid is not None
     session, keyId = await warm(pgProxy, key, instanceId)
     assert execute(raw, "SELECT pg_terminate_backend(%s)", pid) == [(True,)]
-    await until(lambda: listener.stats["connects"] == 2, "the listener reconnecting")
+    await until(lambda: listener.stats["flushes"] == 1, "the listener reconnecting")
     assert listener.listening and listener.backendPid not in (None, pid)
-    assert listener.stats["flushes"] == 1
+    assert listener.stats["connects"] == 2
     assert await cached(pgProxy, hashApiKey(key)) is None
     assert isOpen(pgProxy, session)
     rows = execute(
@@ -613,8 +613,8 @@ async def test_listenerRetriesUntilTheServerAnswers(
         assert not listener.listening and listener.stats["failures"] == 1
         await until(lambda: listener.stats["failures"] >= 3, "retries")
         execute(admin, f'ALTER DATABASE "{postgresDatabase}" ALLOW_CONNECTIONS true')
-        await until(lambda: listener.listening, "listening once allowed")
-        assert listener.stats["flushes"] == 1
+        await until(lambda: listener.stats["flushes"] == 1, "listening once allowed")
+        assert listener.listening
         assert await cached(service, hashApiKey(key)) is None
         # The heartbeat (every 0.05 s here) is answered on a live connection.
         connects = listener.stats["connects"]
@@ -781,8 +781,8 @@ async def test_redisListener(redisProxy: ProxyService) -> None:
         killed = listener.clientId
         assert killed is not None
         await shared.execute("CLIENT", "KILL", "ID", str(killed))
-        await until(lambda: listener.stats["connects"] == 2, "the listener reconnecting")
-        assert listener.clientId not in (None, killed) and listener.stats["flushes"] == 1
+        await until(lambda: listener.stats["flushes"] == 1, "the listener reconnecting")
+        assert listener.clientId not in (None, killed) and listener.stats["connects"] == 2
         assert await cached(service, hashApiKey(key2)) is None
 
         await service.authenticator.authenticate(key2, instanceId)
@@ -860,6 +860,21 @@ async def test_adminWarnsWhenRedisIsDown(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert "warning: the change is saved, but running proxies were not told (Redis PUBLISH" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_adminRefusesAnUnknownCache(tmp_path: Path) -> None:
+    """
+    A --cache that names no backend is refused before the command runs.
+    """
+    database = f"sqlite:///{tmp_path}/proxy.sqlite3"
+    code, _, err = await admin(database, "init")
+    assert code == 0, err
+    code, out, err = await admin(database, "org", "create", "second", cache="nope:x")
+    assert code == 2 and out == ""
+    assert "unknown cache backend 'nope'" in err
+    code, out, _ = await admin(database, "org", "list", cache="memory")
+    assert [o["name"] for o in json.loads(out)] == ["default"]
 
 
 def test_redisCacheOf(tmp_path: Path) -> None:
