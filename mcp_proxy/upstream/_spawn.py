@@ -148,7 +148,12 @@ def groupAlive(pgid: int) -> bool:
     except PermissionError:
         return True
     members = liveGroupMembers(pgid)
-    return members is None or bool(members)
+    if members is None or members:
+        return True
+    # Members may have become zombies since the first reap: reap them now,
+    # so that none is left behind once the group counts as gone.
+    reapGroup(pgid)
+    return False
 
 
 _PR_SET_CHILD_SUBREAPER = 36
