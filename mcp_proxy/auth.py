@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
 
-from mcp_proxy.cache import SingleFlight
+from mcp_proxy.cache import LocalEntries, SingleFlight
 from mcp_proxy.errors import DatabaseUnavailable, ProxyError
 from mcp_proxy.interfaces import ICache, IRepository
 from mcp_proxy.keys import hashApiKey
@@ -284,6 +284,7 @@ class Authenticator:
     _flights: SingleFlight[str, Optional[dict[str, Any]]] = field(factory=SingleFlight, init=False)
     # Bumped by every invalidation; a lookup that saw a bump is not cached.
     _generation: int = field(default=0, init=False)
+    _local: Optional[LocalEntries] = field(default=None, init=False)
     # instanceId -> key hashes this process cached for it.
     _hashesByInstance: dict[str, set[str]] = field(factory=dict, init=False)
     # keyId -> time of its last touch, oldest first.
@@ -304,6 +305,14 @@ class Authenticator:
             self.stats["refused"] += 1
             return fail(AuthError(401, SERVER_ERROR, MSG_KEY_REQUIRED))
         keyHash = hashApiKey(apiKey, self.salt)
+        local = self._localEntries().get(keyHash)
+        if local is not None:
+            # The request path after warm-up: no Deferred chain, no I/O.
+            self.stats["cacheHits"] += 1
+            try:
+                return succeed(self._decide(local, keyHash, instanceId))
+            except AuthError as e:
+                return fail(e)
         if keyHash in self._flights:
             self.stats["coalesced"] += 1
         d = self._flights.run(keyHash, lambda: Deferred.fromCoroutine(self._resolve(keyHash)))
@@ -326,6 +335,8 @@ class Authenticator:
         entry = _validEntry(cached)
         if entry is not None:
             self.stats["cacheHits"] += 1
+            if generation == self._generation:
+                self._keepLocally(keyHash, entry)
             return entry
         self.stats["lookups"] += 1
         try:
@@ -341,7 +352,29 @@ class Authenticator:
         entry = _entryFor(record)
         if generation == self._generation:
             self._store(cacheKey, keyHash, entry)
+            self._keepLocally(keyHash, entry)
         return entry
+
+    def _localEntries(self) -> LocalEntries:
+        if self._local is None:
+            self._local = LocalEntries(clock=self.clock, ttl=self.ttl)
+        return self._local
+
+    def _keepLocally(self, keyHash: str, entry: dict[str, Any]) -> None:
+        """
+        Keep an accepted entry in the process, so that later requests skip
+        the cache's Deferreds (and a shared cache's round trip).
+        """
+        if _refusal(entry, self.clock.seconds()) is None:
+            self._localEntries().put(keyHash, entry)
+
+    def clearLocal(self) -> None:
+        """
+        Forget the entries kept in the process (the shared cache was
+        cleared).
+        """
+        self._generation += 1
+        self._localEntries().clear()
 
     def _store(self, cacheKey: str, keyHash: str, entry: dict[str, Any]) -> None:
         accepted = _refusal(entry, self.clock.seconds()) is None
@@ -417,6 +450,7 @@ class Authenticator:
         """
         hashes = list(keyHashes)
         self._generation += 1
+        self._localEntries().drop(hashes)
         for instanceId, cached in list(self._hashesByInstance.items()):
             cached.difference_update(hashes)
             if not cached:
@@ -433,7 +467,9 @@ class Authenticator:
         @return: a Deferred firing when the cache has dropped them.
         """
         self._generation += 1
-        return self._drop(self._hashesByInstance.pop(instanceId, set()))
+        hashes = self._hashesByInstance.pop(instanceId, set())
+        self._localEntries().drop(hashes)
+        return self._drop(hashes)
 
     def _drop(self, keyHashes: Iterable[str]) -> Deferred[None]:
         keys = [AUTH_CACHE_PREFIX + h for h in keyHashes]
@@ -531,6 +567,8 @@ class ConfigLoader:
     stats: dict[str, int] = field(factory=_newConfigStats, init=False)
     _flights: SingleFlight[str, Optional[InstanceConfig]] = field(factory=SingleFlight, init=False)
     _generation: int = field(default=0, init=False)
+    clock: Optional[IReactorTime] = None
+    _local: Optional[LocalEntries] = field(default=None, init=False)
 
     def load(self, instanceId: str) -> Deferred[Optional[InstanceConfig]]:
         """
@@ -539,6 +577,11 @@ class ConfigLoader:
             L{DatabaseUnavailable} when the database failed.
         """
         self.stats["requests"] += 1
+        if self._local is not None:
+            local = self._local.get(instanceId)
+            if local is not None:
+                self.stats["cacheHits"] += 1
+                return succeed(local)
         if instanceId in self._flights:
             self.stats["coalesced"] += 1
         return self._flights.run(
@@ -555,6 +598,8 @@ class ConfigLoader:
             cached = None
         if isinstance(cached, InstanceConfig):
             self.stats["cacheHits"] += 1
+            if generation == self._generation and self._local is not None:
+                self._local.put(instanceId, cached)
             return cached
         if cached == _MISSING:
             self.stats["cacheHits"] += 1
@@ -575,7 +620,22 @@ class ConfigLoader:
             if ttl > 0:
                 stored = maybeDeferred(self.cache.set, cacheKey, value, ttl)
                 stored.addErrback(lambda f: log.failure("config cache write failed", f))
+            if config is not None and self._local is not None:
+                self._local.put(instanceId, config)
         return config
+
+    def __attrs_post_init__(self) -> None:
+        if self.clock is not None:
+            self._local = LocalEntries(clock=self.clock, ttl=self.ttl)
+
+    def clearLocal(self) -> None:
+        """
+        Forget the configurations kept in the process (the shared cache was
+        cleared).
+        """
+        self._generation += 1
+        if self._local is not None:
+            self._local.clear()
 
     def invalidate(self, instanceId: str) -> Deferred[None]:
         """
@@ -585,6 +645,8 @@ class ConfigLoader:
         @return: a Deferred firing when the cache has dropped it.
         """
         self._generation += 1
+        if self._local is not None:
+            self._local.drop([instanceId])
         dropped: Deferred[None] = maybeDeferred(
             self.cache.delete, [CONFIG_CACHE_PREFIX + instanceId]
         )

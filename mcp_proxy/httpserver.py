@@ -162,9 +162,18 @@ def makeSite(
     channelClass: type[DeadlineChannel] = type(
         "DeadlineChannel", (DeadlineChannel,), {"headerDeadline": headerDeadline}
     )
-    site = Site(resource, requestFactory=requestClass, timeout=idleTimeout, reactor=clock)
+    # MCP bodies are JSON: never parse form submissions (twisted.web would
+    # parse every POST's Content-Type with the email package to find out).
+    site = Site(
+        resource,
+        requestFactory=requestClass,
+        timeout=idleTimeout,
+        reactor=clock,
+        parsePOSTFormSubmission=False,
+    )
     site.protocol = channelClass  # type: ignore[assignment]
     noAccessLog: Callable[[Any], None] = lambda request: None  # noqa: E731
     site.log = noAccessLog  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
+    site.noisy = False
     return site

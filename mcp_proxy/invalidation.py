@@ -82,6 +82,8 @@ class Invalidator:
         config, a server).
         """
         self.router.invalidateAll()
+        self.authenticator.clearLocal()
+        self.configs.clearLocal()
         return _all([self.authCache.clear(), self.configCache.clear()])
 
 

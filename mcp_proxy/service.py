@@ -93,7 +93,7 @@ class ProxyService(MultiService):
             negativeTtl=settings.authNegativeTtl,
         )
         self.configs = ConfigLoader(
-            lookup=lookup, cache=self.configCache, ttl=settings.configCacheTtl
+            lookup=lookup, cache=self.configCache, ttl=settings.configCacheTtl, clock=clock
         )
         self.sessions = SessionTable(
             clock=clock, timeout=settings.sessionTimeout, maxSessions=settings.maxSessions

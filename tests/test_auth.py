@@ -559,13 +559,41 @@ class CacheTroubleTests(AuthenticatorTestsMixin, SynchronousTestCase):
     """
 
     def test_failingCache(self) -> None:
-        """With the cache down, keys are looked up every time and accepted."""
+        """
+        With the cache down, a key is looked up and accepted; the copy kept
+        in the process serves the next requests.
+        """
         auth = Authenticator(self.lookup, FailingCache(), self.clock, salt=SALT)
         self.successResultOf(auth.authenticate(KEY))
         self.successResultOf(auth.authenticate(KEY))
+        self.assertEqual(self.lookup.calls["lookupApiKey"], 1)
+        # The first request logs a failed read and a failed write.
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 2)
+        auth.clearLocal()
+        self.successResultOf(auth.authenticate(KEY))
         self.assertEqual(self.lookup.calls["lookupApiKey"], 2)
-        # Each request logs a failed read and a failed write.
-        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 4)
+        self.flushLoggedErrors(ConnectionError)
+
+    def test_localCopyDroppedOnInvalidation(self) -> None:
+        """
+        The copy kept in the process is dropped with the key's cache entry:
+        a revoked key is refused at once.
+        """
+        self.successResultOf(self.auth.authenticate(KEY))
+        self.successResultOf(self.auth.authenticate(KEY))
+        self.assertEqual(self.lookup.calls["lookupApiKey"], 1)
+        self.setRecord(isActive=False)
+        self.successResultOf(self.auth.invalidateKeyHashes([self.keyHash]))
+        self.failureResultOf(self.auth.authenticate(KEY), AuthError)
+
+    def test_localCopyExpires(self) -> None:
+        """
+        The copy kept in the process lives no longer than the cache TTL.
+        """
+        self.successResultOf(self.auth.authenticate(KEY))
+        self.clock.advance(self.auth.ttl + 1)
+        self.successResultOf(self.auth.authenticate(KEY))
+        self.assertEqual(self.lookup.calls["lookupApiKey"], 2)
 
     def test_foreignEntryIsMiss(self) -> None:
         """An entry of another layout under the key reads as a miss."""
