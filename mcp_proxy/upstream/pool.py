@@ -231,6 +231,9 @@ class UpstreamPool:
     counters: dict[str, dict[str, int]] = field(init=False, factory=dict)
     _entries: dict[tuple[str, str, str], _Entry] = field(init=False, factory=dict)
     _current: dict[tuple[str, str], str] = field(init=False, factory=dict)
+    # id(config) -> (config, fingerprint): the configs come from a cache, so
+    # the same objects recur and their digest is computed once.
+    _fingerprints: dict[int, tuple[UpstreamConfig, str]] = field(init=False, factory=dict)
     _retired: list[_Entry] = field(init=False, factory=list)
     _stopping: set[IUpstream] = field(init=False, factory=set)
     _sweeper: Optional[LoopingCall] = field(init=False, default=None)
@@ -389,7 +392,14 @@ class UpstreamPool:
     def _entryFor(self, instanceId: str, config: UpstreamConfig) -> _Entry:
         if self._closed:
             raise UpstreamUnavailable(f"upstream {config.name} unavailable: the proxy is stopping")
-        fingerprint = configFingerprint(config)
+        known = self._fingerprints.get(id(config))
+        if known is not None and known[0] is config:
+            fingerprint = known[1]
+        else:
+            fingerprint = configFingerprint(config)
+            if len(self._fingerprints) >= 10_000:
+                self._fingerprints.clear()
+            self._fingerprints[id(config)] = (config, fingerprint)
         key = (instanceId, config.configId, fingerprint)
         entry = self._entries.get(key)
         if entry is not None:
