@@ -100,8 +100,19 @@ async def makeData(service: ProxyService) -> tuple[str, str, str]:
 
 @pytest_twisted.async_yield_fixture
 async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
+    async for running in _proxyOn(f"sqlite:///{tmp_path}/proxy.sqlite3"):
+        yield running
+
+
+@pytest_twisted.async_yield_fixture
+async def pgProxy(postgresDatabase: str) -> AsyncIterator[Proxy]:
+    async for running in _proxyOn(f"postgresql://postgres@127.0.0.1:5432/{postgresDatabase}"):
+        yield running
+
+
+async def _proxyOn(database: str) -> AsyncIterator[Proxy]:
     settings = resolveSettings(
-        {"database": f"sqlite:///{tmp_path}/proxy.sqlite3", "upstream-timeout": "10"},
+        {"database": database, "upstream-timeout": "10"},
         ("tcp:0:interface=127.0.0.1",),
         environ={},
     )
@@ -282,9 +293,26 @@ async def test_inProcessAdminInvalidates(proxy: Proxy) -> None:
 async def test_requestLogRows(proxy: Proxy) -> None:
     """
     N calls give exactly N request-log rows with their fields and readable
-    data; validation-mode requests are not logged; logging never makes a
-    request wait.
+    data; validation-mode requests are not logged (SQLite).
     """
+    await _checkRequestLog(proxy)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requestLogRowsPostgres(pgProxy: Proxy) -> None:
+    """
+    The same on PostgreSQL, where the proxy also makes no query per request
+    after warm-up.
+    """
+    await pgProxy.call("echo", {"text": "warm"})
+    before = dict(pgProxy.service.repository.queryCounts)
+    await _checkRequestLog(pgProxy, skipped=1)
+    after = dict(pgProxy.service.repository.queryCounts)
+    for kind in ("lookupApiKey", "loadInstanceConfig"):
+        assert after.get(kind) == before.get(kind)
+
+
+async def _checkRequestLog(proxy: Proxy, skipped: int = 0) -> None:
     from mcp_proxy.requestlog import decodePayload
 
     for i in range(5):
@@ -317,8 +345,9 @@ async def test_requestLogRows(proxy: Proxy) -> None:
     rows = await proxy.service.repository.listRequestLogs(proxy.instanceId, None, 100, True)
     calls = [r for r in rows if r.method == "tools/call"]
     lists = [r for r in rows if r.method == "tools/list"]
-    assert len(calls) == 6 and len(lists) == 1
+    assert len(calls) == 6 + skipped and len(lists) == 1
     ok = sorted((r for r in calls if r.responseStatus == "200"), key=lambda r: r.createdAt)
+    ok = ok[skipped:]
     assert len(ok) == 5
     for i, row in enumerate(ok):
         assert row.toolName == "echo"
