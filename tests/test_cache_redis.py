@@ -798,7 +798,8 @@ async def test_downServerFailsFast() -> None:
 async def test_authenticatorSurvivesRedisDown() -> None:
     """
     With Redis down, the authenticator treats the cache failures as misses
-    and still authenticates from the database.
+    and still authenticates from the database (then from the copy it keeps
+    in the process).
     """
     cache = RedisCache(reactor, port=closedPort(), connectTimeout=0.2, replyTimeout=0.2)
     lookup = FakeKeyLookup()
@@ -810,6 +811,7 @@ async def test_authenticatorSurvivesRedisDown() -> None:
         for _ in range(3):
             principal = await authenticator.authenticate("mcp_key", "inst1")
             assert principal.keyId == "key1"
+            authenticator.clearLocal()
         assert lookup.calls["lookupApiKey"] == 3
     finally:
         await cache.close()
