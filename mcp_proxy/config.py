@@ -167,6 +167,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec("max-sessions", "10000", _positiveInt, "Sessions open at once; more get 503."),
     OptionSpec(
+        "max-concurrent-requests",
+        "256",
+        _positiveInt,
+        "POSTs served at once; beyond it requests are shed with 503 and Retry-After.",
+    ),
+    OptionSpec(
         "upstream-processes", "1", _positiveInt, "Processes per stdio upstream (instance, config)."
     ),
     OptionSpec("upstream-timeout", "30", _positiveFloat, "Seconds an upstream call may take."),
@@ -353,6 +359,7 @@ class Settings:
     sessionTimeout: float = 600.0
     sessionSweep: float = 300.0
     maxSessions: int = 10000
+    maxConcurrentRequests: int = 256
     upstreamProcesses: int = 1
     upstreamTimeout: float = 30.0
     upstreamIdleTtl: float = 300.0

@@ -142,6 +142,7 @@ class ProxyService(MultiService):
             healthCheck=lambda: Deferred.fromCoroutine(self.health()),
             sseKeepalive=settings.sseKeepalive,
             clientTimeout=settings.clientTimeout,
+            maxConcurrentRequests=settings.maxConcurrentRequests,
             allowedHosts=settings.hostPolicy(),
             allowedOrigins=(None if settings.allowedOrigins is None else settings.allowedOrigins),
             hub=self.hub,

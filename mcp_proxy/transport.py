@@ -327,11 +327,13 @@ class McpFront:
     allowedHosts: Optional[frozenset[str]] = None
     allowedOrigins: Optional[frozenset[str]] = None
     hub: Optional[RelayHub] = None
+    maxConcurrentRequests: int = 256
     onSubscriptionsEmptied: Optional[Callable[[list[Any]], None]] = None
     _getStreams: dict[str, SseStream] = field(factory=dict)
     _sseStreams: dict[str, SseStream] = field(factory=dict)
     _askedClients: dict[str, tuple[str, Deferred[Any]]] = field(factory=dict)
     _inflight: dict[tuple[str, str], Deferred[Any]] = field(factory=dict)
+    _busy: int = 0
 
     app = Klein()
 
@@ -592,7 +594,7 @@ class McpFront:
     def _streamable(self, request: IRequest, instanceId: Optional[str]) -> Any:
         method = request.method
         if method == b"POST":
-            return Deferred.fromCoroutine(self._post(request, instanceId))
+            return self._admitted(self._post, request, instanceId)
         if method == b"GET":
             return Deferred.fromCoroutine(self._openGetStream(request, instanceId))
         if method == b"DELETE":
@@ -915,11 +917,37 @@ class McpFront:
 
     @app.route("/messages", methods=["POST"])
     def messagesDefault(self, request: IRequest) -> Any:
-        return Deferred.fromCoroutine(self._legacyMessage(request, None))
+        return self._admitted(self._legacyMessage, request, None)
 
     @app.route("/messages/<string:instanceId>", methods=["POST"])
     def messagesInstance(self, request: IRequest, instanceId: str) -> Any:
-        return Deferred.fromCoroutine(self._legacyMessage(request, instanceId))
+        return self._admitted(self._legacyMessage, request, instanceId)
+
+    def _admitted(
+        self,
+        handler: Callable[[IRequest, Optional[str]], Any],
+        request: IRequest,
+        instanceId: Optional[str],
+    ) -> Deferred[Any]:
+        """
+        Run a POST handler unless L{maxConcurrentRequests} are being served
+        already: beyond capacity, requests are shed at once with 503 and
+        C{Retry-After}, instead of queueing until everything is slow.
+        """
+        if self._busy >= self.maxConcurrentRequests:
+            raise HttpError(
+                503,
+                jsonrpc.SERVER_ERROR,
+                "Server busy, retry later",
+                (("Retry-After", "1"),),
+            )
+        self._busy += 1
+
+        def done(result: Any) -> Any:
+            self._busy -= 1
+            return result
+
+        return Deferred.fromCoroutine(handler(request, instanceId)).addBoth(done)
 
     async def _legacyMessage(self, request: IRequest, instanceId: Optional[str]) -> bytes:
         self._checkOrigin(request)

@@ -525,6 +525,29 @@ class FrontTests(SynchronousTestCase):
         )
         self.assertEqual(code, 200)
 
+    def test_shedsBeyondCapacity(self) -> None:
+        """
+        Beyond the concurrent-request limit, a POST is shed at once with 503
+        and Retry-After; once the load drops, requests are served again.
+        """
+        self.front.maxConcurrentRequests = 1
+        self.upstreams.pending = []
+        listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        headers = {"X-API-Key": KEY_A, "Content-Type": "application/json"}
+        first = self.stub.post(BASE + "/mcp", data=json.dumps(listing).encode(), headers=headers)
+        self.assertNoResult(first)
+        code, body, responseHeaders = self.post("/mcp", listing)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["error"]["message"], "Server busy, retry later")
+        self.assertEqual(responseHeaders.getRawHeaders(b"retry-after"), [b"1"])
+        for d in self.upstreams.pending:
+            d.callback(None)
+        self.stub.flush()
+        self.assertEqual(self.successResultOf(first).code, 200)
+        self.upstreams.pending = None
+        code, _, _ = self.post("/mcp", listing)
+        self.assertEqual(code, 200)
+
 
 def _fired(value: Any) -> Any:
     from twisted.internet.defer import succeed
