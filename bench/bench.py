@@ -35,7 +35,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -45,12 +44,44 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENV = ROOT / ".venv" / "bin"
 PYTHON = str(VENV / "python")
-ECHO = ROOT / "examples" / "echo_server.py"
+# The product code the run measures: a copy of the tree's taken at the start
+# (see snapshotCode), so that commits landing during the run do not mix
+# versions; the processes that run product code get it first on PYTHONPATH.
+CODE = {"dir": ROOT}
+
+
+def echoPath() -> Path:
+    return CODE["dir"] / "examples" / "echo_server.py"
+
+
+def productEnv() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(CODE["dir"]) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    return env
+
+
+def snapshotCode(run: Path) -> None:
+    """
+    Copy the product code (mcp_proxy/, the twistd plugin, examples/) as it
+    is now into the run folder, and run that.
+    """
+    target = run / "code"
+    for name in ("mcp_proxy", "twisted", "examples"):
+        shutil.copytree(
+            ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
+        )
+    CODE["dir"] = target
+
+
 LUA = BENCH / "mcp.lua"
 DOC = ROOT / "docs" / "performance.md"
 BEGIN = "<!-- bench:begin (written by bench/run; edit outside these markers) -->"
 END = "<!-- bench:end -->"
-PG_ADMIN_DSN = os.environ.get("BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+PG_ADMIN_DSN = os.environ.get(
+    "BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+)
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/{db}")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -296,7 +327,7 @@ def parseBenchJson(output: str) -> dict[str, Any]:
     raise RuntimeError("no BENCH_JSON line in:\n" + output[-3000:])
 
 
-METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -345,7 +376,7 @@ class Load:
             self.settings.wrk,
             f"-t{threads}",
             f"-c{concurrency}",
-            f"-d{max(1, int(round(duration)))}s",
+            f"-d{max(1, round(duration))}s",
             "--timeout",
             f"{self.settings.timeout}s",
             "-s",
@@ -364,9 +395,11 @@ class Load:
         data = parseBenchJson(result.stdout)
         seconds = data["duration_us"] / 1e6
         data["rps"] = data["requests"] / seconds if seconds else 0.0
-        data["wrk_cpu_pct"] = 100.0 * (
-            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        ) / max(seconds, 1e-9)
+        data["wrk_cpu_pct"] = (
+            100.0
+            * ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+            / max(seconds, 1e-9)
+        )
         data["errors"] = (
             data["non2xx"]
             + data["rpc_errors"]
@@ -377,7 +410,9 @@ class Load:
             + data["timeouts"]
         )
         data["failures_not_503"] = data["errors"] - data["status503"]
-        data["error_rate"] = data["errors"] / max(data["requests"] + data["connect_errors"] + data["timeouts"], 1)
+        data["error_rate"] = data["errors"] / max(
+            data["requests"] + data["connect_errors"] + data["timeouts"], 1
+        )
         data["concurrency"] = concurrency
         data["method"] = method
         return data
@@ -436,13 +471,17 @@ def measured(load: Load, pid: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
             best = data
         if data["other_cpu_pct"] <= limit or not withinBudget(load.settings):
             break
-        log(f"    other processes used {data['other_cpu_pct']:.0f} % CPU meanwhile: measuring again")
+        log(
+            f"    other processes used {data['other_cpu_pct']:.0f} % CPU meanwhile: measuring again"
+        )
     assert best is not None
     best["attempts"] = attempts
     return best
 
 
-def measuredOnce(load: Load, pid: int, *args: Any, metricsPort: Optional[int] = None, **kwargs: Any) -> dict[str, Any]:
+def measuredOnce(
+    load: Load, pid: int, *args: Any, metricsPort: Optional[int] = None, **kwargs: Any
+) -> dict[str, Any]:
     """
     One wrk run against a server, with its RSS, the CPU used by it and its
     children, and (for a proxy) the database queries, from /metrics.
@@ -516,7 +555,9 @@ class Proxy:
             *options,
         ]
         self.argv = argv
-        self.process = registry.spawn(argv, run / f"proxy-{name}.stdout", cwd=str(run))
+        self.process = registry.spawn(
+            argv, run / f"proxy-{name}.stdout", cwd=str(run), env=productEnv()
+        )
         waitHttp(self.port, "/health", self.process, self.logPath)
 
     @property
@@ -537,7 +578,7 @@ class Instance:
         self.database = database
         servers = run / "servers.json"
         servers.write_text(
-            json.dumps({"mcpServers": {"echo": {"command": PYTHON, "args": [str(ECHO)]}}})
+            json.dumps({"mcpServers": {"echo": {"command": PYTHON, "args": [str(echoPath())]}}})
         )
         self.admin("init")
         imported = self.admin("import", str(servers), "--instance", f"bench-{label}", "--key")
@@ -551,6 +592,7 @@ class Instance:
             text=True,
             timeout=120,
             cwd=str(ROOT),
+            env=productEnv(),
         )
         if result.returncode != 0:
             raise RuntimeError(f"mcpproxy-admin {' '.join(args)} failed: {result.stderr}")
@@ -728,6 +770,26 @@ def summarizeProfile(path: Path, seconds: float, rate: int) -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------
 
 
+PRODUCT_PATHS = ["mcp_proxy", "twisted", "setup.py", "pyproject.toml", "examples/echo_server.py"]
+
+
+def codeVersion() -> tuple[str, list[str]]:
+    """
+    The commit, and the product files changed but not committed (the
+    project is installed in editable mode: what runs is what is on disk).
+    """
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    status = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", *PRODUCT_PATHS],
+        capture_output=True,
+        text=True,
+    ).stdout
+    dirty = sorted(line[3:] for line in status.splitlines() if line.strip())
+    return commit, dirty
+
+
 def machine() -> dict[str, Any]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -767,9 +829,7 @@ def machine() -> dict[str, Any]:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit, dirty = codeVersion()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -782,22 +842,101 @@ def machine() -> dict[str, Any]:
         "postgresql": pgVersion,
         "sqlite": sqliteVersion,
         "commit": commit,
+        "dirty": dirty,
     }
+
+
+def runDirect(
+    settings: argparse.Namespace, c: int, seconds: float, warmup: float
+) -> dict[str, Any]:
+    """
+    bench/direct.py once the machine is quiet; once more if other processes
+    used the CPU meanwhile (within the budget).
+    """
+    best = None
+    for attempt in range(2):
+        quiesce(settings)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy0, _ = machineTicks()
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [
+                PYTHON,
+                str(BENCH / "direct.py"),
+                "--concurrency",
+                str(c),
+                "--duration",
+                str(seconds),
+                "--warmup",
+                str(warmup),
+                "--python",
+                PYTHON,
+                "--echo",
+                str(echoPath()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 120,
+        )
+        wall = time.monotonic() - t0
+        if attempt:
+            EXTRA["seconds"] += wall
+        busy1, _ = machineTicks()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        data = parseBenchJson(out.stdout)
+        data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+        data["concurrency"] = c
+        data["method"] = "tools/call"
+        data["errors"] = data["rpc_errors"]
+        ours = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        data["client_and_upstream_cpu_pct"] = 100.0 * ours / wall
+        data["other_cpu_pct"] = max(
+            0.0, 100.0 * (busy1 - busy0) / CLK_TCK / wall - data["client_and_upstream_cpu_pct"]
+        )
+        data["attempts"] = attempt + 1
+        if best is None or data["other_cpu_pct"] < best["other_cpu_pct"]:
+            best = data
+        if data["other_cpu_pct"] <= settings.max_other_cpu or not withinBudget(settings):
+            break
+        log(
+            f"    other processes used {data['other_cpu_pct']:.0f} % CPU meanwhile: measuring again"
+        )
+    assert best is not None
+    return best
+
+
+def pairedRounds(rounds: int, loads: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """
+    Run each load of C{loads} (name -> a function measuring it) once per
+    round, in alternating order (ABBA...), so that slow drifts of the
+    machine's speed hit every load alike.
+    """
+    names = list(loads)
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        for name in names if rnd % 2 == 0 else list(reversed(names)):
+            data = loads[name]()
+            data["round"] = rnd
+            out[name].append(data)
+    return out
 
 
 def runBench(settings: argparse.Namespace, run: Path, registry: Registry) -> dict[str, Any]:
     load = Load(settings, run)
     D = settings.duration
+    snapshotCode(run)
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": settings.quick,
         "duration": D,
         "warmup": settings.warmup,
         "max_other_cpu": settings.max_other_cpu,
         "quiet_wait": settings.quiet_wait,
+        "ab_seconds": settings.ab_seconds,
+        "pair_seconds": settings.pair_seconds,
         "machine": machine(),
         "settings": {
-            "wrk": "1 thread, keep-alive connections, --timeout %ss" % settings.timeout,
+            "wrk": f"1 thread, keep-alive connections, --timeout {settings.timeout}s",
             "sessions_for_load": SESSIONS_FOR_LOAD,
         },
     }
@@ -815,48 +954,18 @@ def runBench(settings: argparse.Namespace, run: Path, registry: Registry) -> dic
     for c in LOAD_CONCURRENCY:
         data = measured(load, bare.pid, url, "tools/call", c, D)
         results["bare"].append(data)
-        log(f"  bare c={c}: {data['rps']:.0f} req/s p50 {data['p50_us']/1000:.2f} ms")
-    registry.stop(bare)
+        log(f"  bare c={c}: {data['rps']:.0f} req/s p50 {data['p50_us'] / 1000:.2f} ms")
+    # The bare server stays up (idle) for the paired ceiling next to each
+    # proxy's tools/call at c=32.
+    results["_bare"] = (bare, url)
 
     # 2. The upstream, direct.
     log("direct upstream (stdio)")
     results["direct"] = []
     for c in (1, 32):
-        best = None
-        for attempt in range(2):
-            quiesce(settings)
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            busy0, _ = machineTicks()
-            t0 = time.monotonic()
-            out = subprocess.run(
-                [PYTHON, str(BENCH / "direct.py"), "--concurrency", str(c), "--duration", str(D),
-                 "--warmup", str(settings.warmup), "--python", PYTHON],
-                capture_output=True,
-                text=True,
-                timeout=D + 120,
-            )
-            wall = time.monotonic() - t0
-            if attempt:
-                EXTRA["seconds"] += wall
-            busy1, _ = machineTicks()
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            data = parseBenchJson(out.stdout)
-            data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
-            data["concurrency"] = c
-            data["errors"] = data["rpc_errors"]
-            ours = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            data["client_and_upstream_cpu_pct"] = 100.0 * ours / wall
-            data["other_cpu_pct"] = max(0.0, 100.0 * (busy1 - busy0) / CLK_TCK / wall - data["client_and_upstream_cpu_pct"])
-            data["attempts"] = attempt + 1
-            if best is None or data["other_cpu_pct"] < best["other_cpu_pct"]:
-                best = data
-            if data["other_cpu_pct"] <= settings.max_other_cpu or not withinBudget(settings):
-                break
-            log(f"    other processes used {data['other_cpu_pct']:.0f} % CPU meanwhile: measuring again")
-        assert best is not None
-        data = best
+        data = runDirect(settings, c, D, settings.warmup)
         results["direct"].append(data)
-        log(f"  direct c={c}: {data['rps']:.0f} req/s p50 {data['p50_us']/1000:.3f} ms")
+        log(f"  direct c={c}: {data['rps']:.0f} req/s p50 {data['p50_us'] / 1000:.3f} ms")
 
     # 3. The proxy, per database.
     results["variants"] = {}
@@ -868,7 +977,11 @@ def runBench(settings: argparse.Namespace, run: Path, registry: Registry) -> dic
                 log(f"PostgreSQL not reachable, skipped: {problem}")
                 results["variants"][variant] = {"skipped": problem}
                 continue
-        results["variants"][variant] = runVariant(settings, run, registry, load, variant)
+        results["variants"][variant] = runVariant(
+            settings, run, registry, load, variant, results["_bare"]
+        )
+    bareProcess, _ = results.pop("_bare")
+    registry.stop(bareProcess)
 
     # 4. Sessions and RSS.
     results["sessions_rss"] = runSessionsRss(settings, run, registry, load)
@@ -913,65 +1026,154 @@ def startWarm(
 
 
 def runVariant(
-    settings: argparse.Namespace, run: Path, registry: Registry, load: Load, variant: str
+    settings: argparse.Namespace,
+    run: Path,
+    registry: Registry,
+    load: Load,
+    variant: str,
+    bare: tuple[subprocess.Popen[bytes], str],
 ) -> dict[str, Any]:
     D = settings.duration
     log(f"proxy on {variant}")
     database = databaseUrl(run, registry, variant, "main")
     instance = Instance(run, database, variant)
     out: dict[str, Any] = {"database": re.sub(r"//[^@/]*@", "//", database)}
-    proxy, sessionsFile = startWarm(settings, run, registry, load, instance, f"{variant}-main", ["--request-log", "on"])
+    proxy, sessionsFile = startWarm(
+        settings, run, registry, load, instance, f"{variant}-main", ["--request-log", "on"]
+    )
     out["options"] = proxy.argv[proxy.argv.index("mcpproxy") + 1 :]
     url = f"http://127.0.0.1:{proxy.port}{instance.path()}"
     runs = []
     for method in METHODS:
         for c in LOAD_CONCURRENCY:
             data = measured(
-                load, proxy.pid, url, method, c, D, instance.key, sessionsFile,
+                load,
+                proxy.pid,
+                url,
+                method,
+                c,
+                D,
+                instance.key,
+                sessionsFile,
                 metricsPort=proxy.metricsPort,
             )
             runs.append(data)
             log(
-                f"  {variant} {method} c={c}: {data['rps']:.0f} req/s p50 {data['p50_us']/1000:.2f} ms "
-                f"p99 {data['p99_us']/1000:.2f} ms errors {data['errors']} q/req "
+                f"  {variant} {method} c={c}: {data['rps']:.0f} req/s p50 {data['p50_us'] / 1000:.2f} ms "
+                f"p99 {data['p99_us'] / 1000:.2f} ms errors {data['errors']} q/req "
                 f"{sum(data['queries_per_request'].values()):.4f} cpu {data['server_cpu_pct']:.0f}%"
             )
     out["runs"] = runs
+
+    # The two targets that compare with another server, in alternating
+    # short loads: the machine's speed drifts (it is a shared virtual
+    # machine), and a ratio of loads run minutes apart would measure that.
+    bareProcess, bareUrl = bare
+    S = settings.pair_seconds
+    ceiling = pairedRounds(
+        settings.pair_rounds,
+        {
+            "bare": lambda: measured(load, bareProcess.pid, bareUrl, "tools/call", 32, S),
+            "proxy": lambda: measured(
+                load,
+                proxy.pid,
+                url,
+                "tools/call",
+                32,
+                S,
+                instance.key,
+                sessionsFile,
+                metricsPort=proxy.metricsPort,
+            ),
+        },
+    )
+    gap = pairedRounds(
+        settings.pair_rounds,
+        {
+            "direct": lambda: runDirect(settings, 1, S, 0.5),
+            "proxy": lambda: measured(
+                load,
+                proxy.pid,
+                url,
+                "tools/call",
+                1,
+                S,
+                instance.key,
+                sessionsFile,
+                metricsPort=proxy.metricsPort,
+            ),
+        },
+    )
+    out["paired"] = {"ceiling": ceiling, "gap": gap}
+    log(
+        f"  {variant} paired: proxy/bare c=32 "
+        + ", ".join(f"{p['rps'] / b['rps']:.2f}" for p, b in zip(ceiling["proxy"], ceiling["bare"]))
+        + "; p50 proxy - direct c=1 "
+        + ", ".join(
+            f"{(p['p50_us'] - d['p50_us']) / 1000:+.3f}"
+            for p, d in zip(gap["proxy"], gap["direct"])
+        )
+        + " ms"
+    )
 
     # Beyond capacity.
     shedding = []
     for c in settings.beyond:
         data = measured(
-            load, proxy.pid, url, "tools/call", c, D, instance.key, sessionsFile,
+            load,
+            proxy.pid,
+            url,
+            "tools/call",
+            c,
+            D,
+            instance.key,
+            sessionsFile,
             metricsPort=proxy.metricsPort,
         )
         shedding.append(data)
         log(
-            f"  {variant} beyond c={c}: {data['rps']:.0f} req/s p99 {data['p99_us']/1000:.0f} ms "
+            f"  {variant} beyond c={c}: {data['rps']:.0f} req/s p99 {data['p99_us'] / 1000:.0f} ms "
             f"503s {data['status503']} other failures {data['failures_not_503']}"
         )
     out["beyond"] = shedding
     out["proxy_log_warnings"] = _warnings(proxy.logPath)
     proxy.stop()
 
-    # Request log on against off, each on a fresh proxy, alternating.
+    # Request log on against off: two fresh proxies, up at once (the one
+    # not measured is idle), measured in alternation (ABBA), so that both
+    # see the same conditions; the cost is the median of the paired ratios.
     ab: dict[str, list[dict[str, Any]]] = {"on": [], "off": [], "on_c1": [], "off_c1": []}
-    for rep in range(settings.ab_reps):
-        for mode in ("on", "off"):
-            p, sf = startWarm(settings, run, registry, load, instance, f"{variant}-log{mode}{rep}", ["--request-log", mode])
-            abUrl = f"http://127.0.0.1:{p.port}{instance.path()}"
-            data = measured(
-                load, p.pid, abUrl, "tools/call", 32, D, instance.key, sf, metricsPort=p.metricsPort
-            )
-            ab[mode].append(data)
-            one = measured(
-                load, p.pid, abUrl, "tools/call", 1, D, instance.key, sf, metricsPort=p.metricsPort
-            )
-            ab[mode + "_c1"].append(one)
+    pair = {}
+    for mode in ("on", "off"):
+        pair[mode] = startWarm(
+            settings, run, registry, load, instance, f"{variant}-log{mode}", ["--request-log", mode]
+        )
+    try:
+        for rnd in range(settings.ab_rounds):
+            order = ("on", "off") if rnd % 2 == 0 else ("off", "on")
+            for c in (32, 1):
+                for mode in order:
+                    p, sf = pair[mode]
+                    data = measured(
+                        load,
+                        p.pid,
+                        f"http://127.0.0.1:{p.port}{instance.path()}",
+                        "tools/call",
+                        c,
+                        settings.ab_seconds,
+                        instance.key,
+                        sf,
+                        metricsPort=p.metricsPort,
+                    )
+                    data["round"] = rnd
+                    ab[mode if c == 32 else mode + "_c1"].append(data)
             log(
-                f"  {variant} request log {mode} #{rep + 1}: c=32 {data['rps']:.0f} req/s; "
-                f"c=1 {one['rps']:.0f} req/s p50 {one['p50_us'] / 1000:.3f} ms"
+                f"  {variant} request log, round {rnd + 1}: c=32 on {ab['on'][-1]['rps']:.0f} / "
+                f"off {ab['off'][-1]['rps']:.0f} req/s; c=1 p50 on {ab['on_c1'][-1]['p50_us'] / 1000:.3f} / "
+                f"off {ab['off_c1'][-1]['p50_us'] / 1000:.3f} ms"
             )
+    finally:
+        for p, _ in pair.values():
             p.stop()
     out["request_log_ab"] = ab
     return out
@@ -981,7 +1183,8 @@ def _warnings(path: Path) -> list[str]:
     if not path.exists():
         return []
     lines = [
-        line for line in path.read_text(errors="replace").splitlines()
+        line
+        for line in path.read_text(errors="replace").splitlines()
         if "#warn]" in line or "#error]" in line or "#critical]" in line or "Traceback" in line
     ]
     return lines[:20]
@@ -1015,17 +1218,22 @@ def runSessionsRss(
         metrics = scrape(proxy.metricsPort)
         point = {
             "sessions": target,
-            "sessions_open_metric": metrics.get('mcpproxy_sessions_open{transport="streamable-http"}'),
+            "sessions_open_metric": metrics.get(
+                'mcpproxy_sessions_open{transport="streamable-http"}'
+            ),
             "rss_kb": rssKb(proxy.pid),
             "smaps": parseBenchJson(
                 subprocess.run(
                     [PYTHON, str(BENCH / "memprofile.py"), "smaps", str(proxy.pid)],
-                    capture_output=True, text=True,
+                    capture_output=True,
+                    text=True,
                 ).stdout
             ),
         }
         out["points"].append(point)
-        log(f"  {target} sessions: RSS {point['rss_kb']/1024:.1f} MB (open: {point['sessions_open_metric']})")
+        log(
+            f"  {target} sessions: RSS {point['rss_kb'] / 1024:.1f} MB (open: {point['sessions_open_metric']})"
+        )
     proxy.stop()
     return out
 
@@ -1048,8 +1256,24 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     bare32 = next(r for r in results["bare"] if r["concurrency"] == 32)
     direct1 = next(r for r in results["direct"] if r["concurrency"] == 1)
 
-    def add(name: str, variant: str, measuredText: str, met: bool, profile: Optional[str] = None, **extra: Any) -> None:
-        targets.append({"target": name, "variant": variant, "measured": measuredText, "met": met, "profile": profile, **extra})
+    def add(
+        name: str,
+        variant: str,
+        measuredText: str,
+        met: bool,
+        profile: Optional[str] = None,
+        **extra: Any,
+    ) -> None:
+        targets.append(
+            {
+                "target": name,
+                "variant": variant,
+                "measured": measuredText,
+                "met": met,
+                "profile": profile,
+                **extra,
+            }
+        )
 
     for variant, v in results["variants"].items():
         if "skipped" in v:
@@ -1063,7 +1287,9 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 kinds[k] += n
         readPath = sum(kinds.get(k, 0) for k in REQUEST_PATH_KINDS)
         other = {k: n for k, n in kinds.items() if k not in REQUEST_PATH_KINDS}
-        otherText = ", ".join(f"{k} {n:.0f} ({n / max(requests, 1):.4f}/req)" for k, n in sorted(other.items()))
+        otherText = ", ".join(
+            f"{k} {n:.0f} ({n / max(requests, 1):.4f}/req)" for k, n in sorted(other.items())
+        )
         add(
             "0 database queries per request after warm-up",
             variant,
@@ -1073,21 +1299,37 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         call32 = _find(runs, "tools/call", 32)
         assert call32 is not None
-        share = call32["rps"] / bare32["rps"]
+        paired = v["paired"]
+        shares = [
+            p["rps"] / b["rps"]
+            for p, b in zip(paired["ceiling"]["proxy"], paired["ceiling"]["bare"])
+        ]
+        share = statistics.median(shares)
         add(
             "tools/call c=32 (one upstream process) >= 50 % of bare twisted.web",
             variant,
-            f"{call32['rps']:.0f} req/s = {100 * share:.1f} % of {bare32['rps']:.0f} req/s",
+            f"{100 * share:.1f} % (median of {len(shares)} alternating pairs: "
+            f"{statistics.median(p['rps'] for p in paired['ceiling']['proxy']):.0f} vs "
+            f"{statistics.median(b['rps'] for b in paired['ceiling']['bare']):.0f} req/s); "
+            f"{results['duration']:g} s loads: {call32['rps']:.0f} vs {bare32['rps']:.0f} req/s = {100 * call32['rps'] / bare32['rps']:.1f} %",
             share >= 0.5,
             profile="c32",
         )
         call1 = _find(runs, "tools/call", 1)
         assert call1 is not None
-        gap = (call1["p50_us"] - direct1["p50_us"]) / 1000
+        gaps = [
+            (p["p50_us"] - d["p50_us"]) / 1000
+            for p, d in zip(paired["gap"]["proxy"], paired["gap"]["direct"])
+        ]
+        gap = statistics.median(gaps)
         add(
             "c=1: p50 at most 0.5 ms above the direct upstream",
             variant,
-            f"p50 {call1['p50_us']/1000:.3f} ms − direct {direct1['p50_us']/1000:.3f} ms = +{gap:.3f} ms",
+            f"+{gap:.3f} ms (median of {len(gaps)} alternating pairs: proxy "
+            f"{statistics.median(p['p50_us'] for p in paired['gap']['proxy']) / 1000:.3f} ms, direct "
+            f"{statistics.median(d['p50_us'] for d in paired['gap']['direct']) / 1000:.3f} ms); "
+            f"{results['duration']:g} s loads: {call1['p50_us'] / 1000:.3f} − {direct1['p50_us'] / 1000:.3f} = "
+            f"+{(call1['p50_us'] - direct1['p50_us']) / 1000:.3f} ms",
             gap <= 0.5,
             profile="c1",
         )
@@ -1096,8 +1338,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(
             "p99 <= 5 ms at c=32",
             variant,
-            f"tools/call p99 {p99:.1f} ms; tools/list p99 {list32['p99_us']/1000:.1f} ms"
-            + f" (bare twisted.web: {bare32['p99_us']/1000:.1f} ms)",
+            f"tools/call p99 {p99:.1f} ms; tools/list p99 {list32['p99_us'] / 1000:.1f} ms"
+            + f" (bare twisted.web: {bare32['p99_us'] / 1000:.1f} ms)",
             p99 <= 5 and list32["p99_us"] / 1000 <= 5,
             profile="c32",
         )
@@ -1124,19 +1366,23 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(
                 "beyond capacity: excess load shed with 503",
                 variant,
-                f"{shed} 503s; at c={worst['concurrency']} p50 {worst['p50_us']/1000:.0f} ms, "
-                f"p99 {worst['p99_us']/1000:.0f} ms (queued, not shed)" if shed == 0 else f"{shed} 503s",
+                f"{shed} 503s; at c={worst['concurrency']} p50 {worst['p50_us'] / 1000:.0f} ms, "
+                f"p99 {worst['p99_us'] / 1000:.0f} ms (queued, not shed)"
+                if shed == 0
+                else f"{shed} 503s",
                 shed > 0,
                 profile="c32",
             )
         ab = v["request_log_ab"]
         on = statistics.median(r["rps"] for r in ab["on"])
         off = statistics.median(r["rps"] for r in ab["off"])
-        cost = 1 - on / off if off else 0.0
+        ratios = [a["rps"] / b["rps"] for a, b in zip(ab["on"], ab["off"]) if b["rps"]]
+        cost = 1 - statistics.median(ratios) if ratios else 0.0
         add(
             "request log on costs <= 10 % throughput (tools/call c=32)",
             variant,
-            f"on {on:.0f} req/s, off {off:.0f} req/s: {100 * cost:+.1f} %",
+            f"median on {on:.0f} req/s, off {off:.0f} req/s; median of {len(ratios)} paired rounds: "
+            f"{100 * cost:.1f} % less with the log on",
             cost <= 0.10,
             profile="c32",
         )
@@ -1165,12 +1411,16 @@ def runProfiles(
     log(f"profiles: {sorted(wanted)}")
     database = databaseUrl(run, registry, "sqlite", "profile")
     instance = Instance(run, database, "profile")
-    proxy, sessionsFile = startWarm(settings, run, registry, load, instance, "profile", ["--request-log", "on"])
+    proxy, sessionsFile = startWarm(
+        settings, run, registry, load, instance, "profile", ["--request-log", "on"]
+    )
     seconds = settings.profile_seconds
     try:
         for name, c in (("c32", 32), ("c1", 1)):
             if name in wanted and pyspy() is not None:
-                summary = profileUnderLoad(load, proxy, instance, sessionsFile, c, seconds, run / f"profile-{name}.txt")
+                summary = profileUnderLoad(
+                    load, proxy, instance, sessionsFile, c, seconds, run / f"profile-{name}.txt"
+                )
                 if summary:
                     summary["concurrency"] = c
                     summary["seconds"] = seconds
@@ -1180,13 +1430,17 @@ def runProfiles(
         proxy.stop()
     if "memory" in wanted:
         out = subprocess.run(
-            [PYTHON, str(BENCH / "memprofile.py"), "imports"], capture_output=True, text=True, cwd=str(run)
+            [PYTHON, str(BENCH / "memprofile.py"), "imports"],
+            capture_output=True,
+            text=True,
+            cwd=str(run),
+            env=productEnv(),
         )
         profiles["memory_imports"] = parseBenchJson(out.stdout)
         points = results["sessions_rss"]["points"]
         p1, p10 = points[1], points[2]
-        profiles["memory_per_session_bytes"] = (p10["rss_kb"] - p1["rss_kb"]) * 1024 / max(
-            p10["sessions"] - p1["sessions"], 1
+        profiles["memory_per_session_bytes"] = (
+            (p10["rss_kb"] - p1["rss_kb"]) * 1024 / max(p10["sessions"] - p1["sessions"], 1)
         )
     return profiles
 
@@ -1243,10 +1497,22 @@ def report(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines: list[str] = []
     w = lines.append
-    w(f"Run of {results['date']}{' (--quick)' if results['quick'] else ''}: "
-      f"each load {results['duration']:g} s after {results['warmup']:g} s of warm-up, "
-      f"wrk {results['settings']['wrk']}, commit {m['commit']}.")
+    w(
+        f"Run of {results['date']}{' (--quick)' if results['quick'] else ''}: "
+        f"each load {results['duration']:g} s after {results['warmup']:g} s of warm-up, "
+        f"wrk {results['settings']['wrk']}, commit {m['commit']}"
+        + (f" with uncommitted changes to {', '.join(m['dirty'])}" if m["dirty"] else "")
+        + "."
+    )
     w("")
+    end = results.get("code_at_end")
+    if end and (end["commit"] != m["commit"] or end["dirty"] != m["dirty"]):
+        w(
+            f"The tree changed during the run (at the end: commit {end['commit']}"
+            + (f", uncommitted changes to {', '.join(end['dirty'])}" if end["dirty"] else "")
+            + "); every proxy ran the copy of the product code taken at the start."
+        )
+        w("")
     w("### Machine")
     w("")
     w("| | |")
@@ -1256,40 +1522,57 @@ def report(results: dict[str, Any]) -> str:
     w(f"| kernel | Linux {m['kernel']} |")
     w(f"| Python | {m['python']} |")
     w(f"| Twisted / Klein | {m['twisted']} / {m['klein']} |")
-    w(f"| databases | SQLite {m['sqlite']}; PostgreSQL {m['postgresql'] or 'not reachable'} (127.0.0.1) |")
+    w(
+        f"| databases | SQLite {m['sqlite']}; PostgreSQL {m['postgresql'] or 'not reachable'} (127.0.0.1) |"
+    )
     w(f"| load generator | {m['wrk']} |")
     w("")
 
-    w("CPU % columns are of one core (the machine has "
-      f"{m['cores']}); *other CPU %* is what processes outside the benchmark used meanwhile "
-      "(the machine may be shared), *CPU µs / request* is the server's CPU time divided by its requests.")
+    w(
+        "CPU % columns are of one core (the machine has "
+        f"{m['cores']}); *other CPU %* is what processes outside the benchmark used meanwhile "
+        "(the machine may be shared), *CPU µs / request* is the server's CPU time divided by its requests."
+    )
     w("")
     allRuns = list(results["bare"]) + list(results["direct"])
     for v in results["variants"].values():
         if "skipped" not in v:
-            allRuns += v["runs"] + v["beyond"] + [r for rs in v["request_log_ab"].values() for r in rs]
+            allRuns += (
+                v["runs"] + v["beyond"] + [r for rs in v["request_log_ab"].values() for r in rs]
+            )
+            allRuns += [r for group in v["paired"].values() for rs in group.values() for r in rs]
     again = [r for r in allRuns if r.get("attempts", 1) > 1]
     disturbed = [r for r in allRuns if r.get("other_cpu_pct", 0) > results.get("max_other_cpu", 25)]
-    w(f"{len(allRuns)} loads, each started once the machine was quiet (waiting {results.get('quiet_wait', 10):g} s at most); {len(again)} measured again because other processes used more than "
-      f"{results.get('max_other_cpu', 25):g} % of a core meanwhile (the least disturbed attempt is kept); "
-      f"{len(disturbed)} still above that in the attempt kept (see the *other CPU %* columns).")
+    w(
+        f"{len(allRuns)} loads, each started once the machine was quiet (waiting {results.get('quiet_wait', 10):g} s at most); {len(again)} measured again because other processes used more than "
+        f"{results.get('max_other_cpu', 25):g} % of a core meanwhile (the least disturbed attempt is kept); "
+        f"{len(disturbed)} still above that in the attempt kept (see the *other CPU %* columns)."
+    )
     w("")
     w("### Targets")
     w("")
     w("| target | database | measured | verdict |")
     w("| --- | --- | --- | --- |")
     for t in results["targets"]:
-        w(f"| {t['target']} | {t['variant']} | {t['measured']} | {'MET' if t['met'] else '**NOT MET**'} |")
+        w(
+            f"| {t['target']} | {t['variant']} | {t['measured']} | {'MET' if t['met'] else '**NOT MET**'} |"
+        )
     w("")
 
     w("### Ceiling and baseline")
     w("")
-    w("| server | c | req/s | mean ms | p50 ms | p95 ms | p99 ms | errors | server CPU % | server CPU µs / request | wrk CPU % | other CPU % |")
+    w(
+        "| server | c | req/s | mean ms | p50 ms | p95 ms | p99 ms | errors | server CPU % | server CPU µs / request | wrk CPU % | other CPU % |"
+    )
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in results["bare"]:
-        w(f"| bare twisted.web (bench/bare_server.py) | {r['concurrency']} | {r['rps']:.0f} | {ms(r['lat_mean_us'])} | {ms(r['p50_us'])} | {ms(r['p95_us'])} | {ms(r['p99_us'])} | {errorsText(r)} | {pct(r['server_cpu_pct'])} | {cpuUs(r):.0f} | {pct(r['wrk_cpu_pct'])} | {pct(r['other_cpu_pct'])} |")
+        w(
+            f"| bare twisted.web (bench/bare_server.py) | {r['concurrency']} | {r['rps']:.0f} | {ms(r['lat_mean_us'])} | {ms(r['p50_us'])} | {ms(r['p95_us'])} | {ms(r['p99_us'])} | {errorsText(r)} | {pct(r['server_cpu_pct'])} | {cpuUs(r):.0f} | {pct(r['wrk_cpu_pct'])} | {pct(r['other_cpu_pct'])} |"
+        )
     for r in results["direct"]:
-        w(f"| echo_server.py over stdio, direct (bench/direct.py) | {r['concurrency']} | {r['rps']:.0f} | {r['lat_mean_us']/1000:.3f} | {r['p50_us']/1000:.3f} | {r['p95_us']/1000:.3f} | {r['p99_us']/1000:.3f} | {r['errors']} | {pct(r['client_and_upstream_cpu_pct'])} (client and upstream) | — | — | {pct(r['other_cpu_pct'])} |")
+        w(
+            f"| echo_server.py over stdio, direct (bench/direct.py) | {r['concurrency']} | {r['rps']:.0f} | {r['lat_mean_us'] / 1000:.3f} | {r['p50_us'] / 1000:.3f} | {r['p95_us'] / 1000:.3f} | {r['p99_us'] / 1000:.3f} | {r['errors']} | {pct(r['client_and_upstream_cpu_pct'])} (client and upstream) | — | — | {pct(r['other_cpu_pct'])} |"
+        )
     w("")
 
     for variant, v in results["variants"].items():
@@ -1299,13 +1582,35 @@ def report(results: dict[str, Any]) -> str:
             w(f"Skipped: {v['skipped']}")
             w("")
             continue
-        w(f"`twistd -n mcpproxy {' '.join(o for o in v['options'])}` (database {v['database']}); "
-          f"API key in `X-API-Key`, requests spread over {SESSIONS_FOR_LOAD} sessions opened with `initialize`.")
+        w(
+            f"`twistd -n mcpproxy {' '.join(o for o in v['options'])}` (database {v['database']}); "
+            f"API key in `X-API-Key`, requests spread over {SESSIONS_FOR_LOAD} sessions opened with `initialize`."
+        )
         w("")
-        w("| method | c | req/s | mean ms | p50 ms | p95 ms | p99 ms | errors | DB queries / request | RSS MB before → after | proxy CPU % | proxy CPU µs / request | upstream CPU % | wrk CPU % | other CPU % |")
-        w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        w(
+            "| method | c | req/s | mean ms | p50 ms | p95 ms | p99 ms | errors | DB queries / request | RSS MB before → after | proxy CPU % | proxy CPU µs / request | upstream CPU % | wrk CPU % | other CPU % |"
+        )
+        w(
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+        )
         for r in v["runs"]:
-            w(f"| {r['method']} | {r['concurrency']} | {r['rps']:.0f} | {ms(r['lat_mean_us'])} | {ms(r['p50_us'])} | {ms(r['p95_us'])} | {ms(r['p99_us'])} | {errorsText(r)} | {queriesText(r)} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} | {pct(r['server_cpu_pct'])} | {cpuUs(r):.0f} | {pct(r['upstream_cpu_pct'])} | {pct(r['wrk_cpu_pct'])} | {pct(r['other_cpu_pct'])} |")
+            w(
+                f"| {r['method']} | {r['concurrency']} | {r['rps']:.0f} | {ms(r['lat_mean_us'])} | {ms(r['p50_us'])} | {ms(r['p95_us'])} | {ms(r['p99_us'])} | {errorsText(r)} | {queriesText(r)} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} | {pct(r['server_cpu_pct'])} | {cpuUs(r):.0f} | {pct(r['upstream_cpu_pct'])} | {pct(r['wrk_cpu_pct'])} | {pct(r['other_cpu_pct'])} |"
+            )
+        w("")
+        pc, pg = v["paired"]["ceiling"], v["paired"]["gap"]
+        w(
+            f"Alternating short loads ({results['pair_seconds']:g} s each, tools/call) for the two targets that compare with another server:"
+        )
+        w("")
+        w(
+            "| round | bare c=32 req/s | proxy c=32 req/s | proxy ÷ bare | direct c=1 p50 ms | proxy c=1 p50 ms | proxy − direct ms |"
+        )
+        w("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for i, (b, p, d, q) in enumerate(zip(pc["bare"], pc["proxy"], pg["direct"], pg["proxy"])):
+            w(
+                f"| {i + 1} | {b['rps']:.0f} | {p['rps']:.0f} | {p['rps'] / b['rps']:.2f} | {d['p50_us'] / 1000:.3f} | {q['p50_us'] / 1000:.3f} | {(q['p50_us'] - d['p50_us']) / 1000:+.3f} |"
+            )
         w("")
         w("Beyond capacity (tools/call):")
         w("")
@@ -1315,20 +1620,38 @@ def report(results: dict[str, Any]) -> str:
             other = dict(r)
             other["errors"] = r["failures_not_503"]
             other["status503"] = 0
-            w(f"| {r['concurrency']} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['lat_max_us'])} | {r['status503']} | {errorsText(other) if r['failures_not_503'] else '0'} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} |")
+            w(
+                f"| {r['concurrency']} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['lat_max_us'])} | {r['status503']} | {errorsText(other) if r['failures_not_503'] else '0'} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} |"
+            )
         w("")
         ab = v["request_log_ab"]
-        w("Request log on against off (tools/call, c=32, a fresh proxy each, alternating):")
+        w(
+            f"Request log on against off (tools/call; two fresh proxies, measured in alternation, "
+            f"{len(ab['on'])} rounds of {results['ab_seconds']:g} s per load):"
+        )
         w("")
-        w("| request log | c | runs: req/s | median req/s | p50 ms (median) | p99 ms (median) | proxy CPU % | proxy CPU µs / request | other CPU % (max) | DB queries / request |")
+        w(
+            "| request log | c | runs: req/s | median req/s | p50 ms (median) | p99 ms (median) | proxy CPU % | proxy CPU µs / request | other CPU % (max) | DB queries / request |"
+        )
         w("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for mode in ("on", "off", "on_c1", "off_c1"):
             rs = ab.get(mode) or []
             if not rs:
                 continue
-            each = ", ".join("%.0f" % r["rps"] for r in rs)
+            each = ", ".join("{:.0f}".format(r["rps"]) for r in rs)
             cpuPerRequest = statistics.median(cpuUs(r) for r in rs)
-            w(f"| {mode.split('_')[0]} | {rs[0]['concurrency']} | {each} | {statistics.median(r['rps'] for r in rs):.0f} | {ms(statistics.median(r['p50_us'] for r in rs))} | {ms(statistics.median(r['p99_us'] for r in rs))} | {pct(statistics.median(r['server_cpu_pct'] for r in rs))} | {cpuPerRequest:.0f} | {max(r['other_cpu_pct'] for r in rs):.0f} | {queriesText(rs[-1])} |")
+            w(
+                f"| {mode.split('_')[0]} | {rs[0]['concurrency']} | {each} | {statistics.median(r['rps'] for r in rs):.0f} | {ms(statistics.median(r['p50_us'] for r in rs))} | {ms(statistics.median(r['p99_us'] for r in rs))} | {pct(statistics.median(r['server_cpu_pct'] for r in rs))} | {cpuPerRequest:.0f} | {max(r['other_cpu_pct'] for r in rs):.0f} | {queriesText(rs[-1])} |"
+            )
+        ratios = [a["rps"] / b["rps"] for a, b in zip(ab["on"], ab["off"]) if b["rps"]]
+        gaps = [(a["p50_us"] - b["p50_us"]) / 1000 for a, b in zip(ab["on_c1"], ab["off_c1"])]
+        if ratios:
+            w("")
+            w(
+                f"Paired rounds, on ÷ off at c=32: {', '.join(f'{x:.2f}' for x in ratios)} "
+                f"(median {statistics.median(ratios):.2f}); p50 on − off at c=1: "
+                f"{', '.join(f'{x:+.3f}' for x in gaps)} ms (median {statistics.median(gaps):+.3f} ms)."
+            )
         w("")
         if v.get("proxy_log_warnings"):
             w("Warnings in the proxy's log:")
@@ -1341,14 +1664,18 @@ def report(results: dict[str, Any]) -> str:
     s = results["sessions_rss"]
     w("### RSS with open sessions")
     w("")
-    w(f"A fresh proxy (SQLite, request log on, `{' '.join(s['options'])}`), warmed with 1 s of tools/call and tools/list "
-      "without sessions; sessions opened with `initialize` + `notifications/initialized` (4 keep-alive connections).")
+    w(
+        f"A fresh proxy (SQLite, request log on, `{' '.join(s['options'])}`), warmed with 1 s of tools/call and tools/list "
+        "without sessions; sessions opened with `initialize` + `notifications/initialized` (4 keep-alive connections)."
+    )
     w("")
     w("| sessions open | /metrics sessions_open | RSS MB | anonymous (heap) MB |")
     w("| ---: | ---: | ---: | ---: |")
     for p in s["points"]:
         anon = next((kb for n, kb in p["smaps"]["rows"] if n.startswith("anonymous")), 0)
-        w(f"| {p['sessions']:,} | {p['sessions_open_metric']:.0f} | {mb(p['rss_kb'])} | {mb(anon)} |")
+        w(
+            f"| {p['sessions']:,} | {p['sessions_open_metric']:.0f} | {mb(p['rss_kb'])} | {mb(anon)} |"
+        )
     w("")
 
     profiles = results.get("profiles") or {}
@@ -1359,12 +1686,16 @@ def report(results: dict[str, Any]) -> str:
             p = profiles.get(name)
             if not p:
                 continue
-            w(f"#### py-spy --gil, tools/call at c={p['concurrency']} (SQLite, request log on), {p['seconds']:g} s at 200 Hz")
+            w(
+                f"#### py-spy --gil, tools/call at c={p['concurrency']} (SQLite, request log on), {p['seconds']:g} s at 200 Hz"
+            )
             w("")
-            w(f"Each sample is the thread holding the GIL: {p['samples']} of {p['slots']} sample slots "
-              f"({p['gil_held_pct']:.0f} %) had one. By thread: "
-              + ", ".join(f"{t} {100 * n / max(p['samples'], 1):.1f} %" for t, n in p["threads"])
-              + f". Percentages below are of the {p['samples']} samples. Raw stacks: `{Path(p['raw']).name}` in the run folder.")
+            w(
+                f"Each sample is the thread holding the GIL: {p['samples']} of {p['slots']} sample slots "
+                f"({p['gil_held_pct']:.0f} %) had one. By thread: "
+                + ", ".join(f"{t} {100 * n / max(p['samples'], 1):.1f} %" for t, n in p["threads"])
+                + f". Percentages below are of the {p['samples']} samples. Raw stacks: `{Path(p['raw']).name}` in the run folder."
+            )
             w("")
             total = max(p["samples"], 1)
             w("Own time by file (leaf frames):")
@@ -1381,7 +1712,9 @@ def report(results: dict[str, Any]) -> str:
                 w(f"{100 * n / total:5.1f} %  {f}")
             w("```")
             w("")
-            w("Inclusive time, below the reactor loop (frames in 95 % or more of the reactor thread's samples left out):")
+            w(
+                "Inclusive time, below the reactor loop (frames in 95 % or more of the reactor thread's samples left out):"
+            )
             w("")
             w("```")
             for f, n in p["inclusive"]:
@@ -1409,17 +1742,23 @@ def report(results: dict[str, Any]) -> str:
             mi = profiles["memory_imports"]
             w("#### Memory: what the RSS is made of")
             w("")
-            w(f"Per open session: {profiles['memory_per_session_bytes']:.0f} bytes of RSS (from 1,000 to 10,000 sessions).")
+            w(
+                f"Per open session: {profiles['memory_per_session_bytes']:.0f} bytes of RSS (from 1,000 to 10,000 sessions)."
+            )
             w("")
             p10 = s["points"][-1]
-            w(f"RSS by mapping of the proxy with {p10['sessions']:,} sessions (/proc/PID/smaps, top 12):")
+            w(
+                f"RSS by mapping of the proxy with {p10['sessions']:,} sessions (/proc/PID/smaps, top 12):"
+            )
             w("")
             w("```")
             for n, kb in p10["smaps"]["rows"][:12]:
                 w(f"{kb / 1024:7.1f} MB  {n}")
             w("```")
             w("")
-            w(f"RSS added by each import, in start-up order, in a fresh interpreter (total {mi['total_kb'] / 1024:.1f} MB, {mi['modules']} modules):")
+            w(
+                f"RSS added by each import, in start-up order, in a fresh interpreter (total {mi['total_kb'] / 1024:.1f} MB, {mi['modules']} modules):"
+            )
             w("")
             w("```")
             for name, kb, count in mi["rows"]:
@@ -1459,14 +1798,32 @@ def main() -> None:
     runP.add_argument("--warmup", type=float)
     runP.add_argument("--variants", default="sqlite,postgresql")
     runP.add_argument("--beyond", default=None, help="concurrencies beyond capacity, e.g. 512,2048")
-    runP.add_argument("--ab-reps", type=int)
+    runP.add_argument("--ab-rounds", type=int, help="rounds of request log on/off loads")
+    runP.add_argument(
+        "--pair-rounds",
+        type=int,
+        help="rounds of the alternating proxy/bare and proxy/direct loads",
+    )
+    runP.add_argument("--pair-seconds", type=float, help="seconds of each alternating load")
+    runP.add_argument("--ab-seconds", type=float, help="seconds of each request log on/off load")
     runP.add_argument("--timeout", type=int, default=10, help="wrk's request timeout (s)")
     runP.add_argument(
-        "--max-other-cpu", type=float, default=25.0,
+        "--max-other-cpu",
+        type=float,
+        default=25.0,
         help="measure again when other processes used more CPU %% than this meanwhile",
     )
-    runP.add_argument("--budget", type=float, help="seconds that waiting for a quiet machine and measuring again may add")
-    runP.add_argument("--quiet-wait", type=float, default=5.0, help="seconds to wait for a quiet machine before a load")
+    runP.add_argument(
+        "--budget",
+        type=float,
+        help="seconds that waiting for a quiet machine and measuring again may add",
+    )
+    runP.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=5.0,
+        help="seconds to wait for a quiet machine before a load",
+    )
     runP.add_argument("--profile-seconds", type=float)
     runP.add_argument("--no-profile", action="store_true")
     runP.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
@@ -1481,10 +1838,15 @@ def main() -> None:
     quick = args.quick
     args.duration = args.duration or (3.0 if quick else 10.0)
     args.warmup = args.warmup or (1.0 if quick else 2.0)
-    args.ab_reps = args.ab_reps or (1 if quick else 2)
-    args.profile_seconds = args.profile_seconds or (4.0 if quick else 8.0)
-    args.budget = args.budget if args.budget is not None else (40.0 if quick else 200.0)
-    args.beyond = [int(x) for x in (args.beyond or ("512,1024" if quick else "512,2048")).split(",") if x]
+    args.ab_rounds = args.ab_rounds or (2 if quick else 4)
+    args.pair_rounds = args.pair_rounds or (2 if quick else 4)
+    args.pair_seconds = args.pair_seconds or (2.0 if quick else 3.0)
+    args.ab_seconds = args.ab_seconds or (2.0 if quick else 4.0)
+    args.profile_seconds = args.profile_seconds or (3.0 if quick else 8.0)
+    args.budget = args.budget if args.budget is not None else (10.0 if quick else 60.0)
+    args.beyond = [
+        int(x) for x in (args.beyond or ("1024" if quick else "512,2048")).split(",") if x
+    ]
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     global LOGFILE
@@ -1501,6 +1863,7 @@ def main() -> None:
         results = runBench(args, run, registry)
     finally:
         registry.cleanup()
+    results["code_at_end"] = dict(zip(("commit", "dirty"), codeVersion()))
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["extra_s"] = round(EXTRA["seconds"], 1)
     body = report(results)
@@ -1509,12 +1872,18 @@ def main() -> None:
     (run / "results.json").write_text(json.dumps(results, indent=1))
     (resultsDir / "latest.json").write_text(json.dumps(results, indent=1))
     title = "# mcp-proxy benchmark: latest run\n\n"
-    (resultsDir / "latest.md").write_text(title + body + f"\nThe run took {results['elapsed_s']:.0f} s ({results['extra_s']:.0f} s of it waiting for a quiet machine or measuring again); raw data: {run}/results.json\n")
+    (resultsDir / "latest.md").write_text(
+        title
+        + body
+        + f"\nThe run took {results['elapsed_s']:.0f} s ({results['extra_s']:.0f} s of it waiting for a quiet machine or measuring again); raw data: {run}/results.json\n"
+    )
     if not args.no_doc:
         writeDoc(body, results)
     log(f"done in {results['elapsed_s']:.0f} s: {resultsDir / 'latest.md'}")
     for t in results["targets"]:
-        log(f"  {'MET    ' if t['met'] else 'NOT MET'}  [{t['variant']}] {t['target']}: {t['measured']}")
+        log(
+            f"  {'MET    ' if t['met'] else 'NOT MET'}  [{t['variant']}] {t['target']}: {t['measured']}"
+        )
 
 
 if __name__ == "__main__":

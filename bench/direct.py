@@ -32,13 +32,15 @@ ECHO = ROOT / "examples" / "echo_server.py"
 def percentile(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return 0.0
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100.0 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, round(p / 100.0 * len(sorted_values) + 0.5) - 1))
     return sorted_values[k]
 
 
-def run(concurrency: int, duration: float, warmup: float, python: str) -> dict[str, object]:
+def run(
+    concurrency: int, duration: float, warmup: float, python: str, echo: str
+) -> dict[str, object]:
     process = subprocess.Popen(
-        [python, str(ECHO)],
+        [python, echo],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         bufsize=0,
@@ -144,8 +146,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--python", default=sys.executable, help="python that runs the echo server")
+    parser.add_argument("--echo", default=str(ECHO), help="the echo server's file")
     args = parser.parse_args()
-    result = run(args.concurrency, args.duration, args.warmup, args.python)
+    result = run(args.concurrency, args.duration, args.warmup, args.python, args.echo)
     print("BENCH_JSON " + json.dumps(result), flush=True)
 
 

@@ -36,7 +36,9 @@ INITIALIZE = json.dumps(
 INITIALIZED = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
 
 
-def worker(url: str, key: str, count: int, out: list[str], stats: dict[str, int], lock: threading.Lock) -> None:
+def worker(
+    url: str, key: str, count: int, out: list[str], stats: dict[str, int], lock: threading.Lock
+) -> None:
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     headers = {
@@ -100,8 +102,7 @@ def main() -> None:
         for sessionId in ids:
             f.write(sessionId + "\n")
     print(
-        "BENCH_JSON "
-        + json.dumps({"opened": len(ids), "seconds": round(seconds, 3), **stats}),
+        "BENCH_JSON " + json.dumps({"opened": len(ids), "seconds": round(seconds, 3), **stats}),
         flush=True,
     )
     sys.exit(0 if len(ids) == args.count else 1)
