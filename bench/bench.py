@@ -1328,7 +1328,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"+{gap:.3f} ms (median of {len(gaps)} alternating pairs: proxy "
             f"{statistics.median(p['p50_us'] for p in paired['gap']['proxy']) / 1000:.3f} ms, direct "
             f"{statistics.median(d['p50_us'] for d in paired['gap']['direct']) / 1000:.3f} ms); "
-            f"{results['duration']:g} s loads: {call1['p50_us'] / 1000:.3f} − {direct1['p50_us'] / 1000:.3f} = "
+            f"{results['duration']:g} s loads: {call1['p50_us'] / 1000:.3f} - {direct1['p50_us'] / 1000:.3f} = "
             f"+{(call1['p50_us'] - direct1['p50_us']) / 1000:.3f} ms",
             gap <= 0.5,
             profile="c1",
@@ -1604,7 +1604,7 @@ def report(results: dict[str, Any]) -> str:
         )
         w("")
         w(
-            "| round | bare c=32 req/s | proxy c=32 req/s | proxy ÷ bare | direct c=1 p50 ms | proxy c=1 p50 ms | proxy − direct ms |"
+            "| round | bare c=32 req/s | proxy c=32 req/s | proxy ÷ bare | direct c=1 p50 ms | proxy c=1 p50 ms | proxy - direct ms |"
         )
         w("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for i, (b, p, d, q) in enumerate(zip(pc["bare"], pc["proxy"], pg["direct"], pg["proxy"])):
@@ -1649,7 +1649,7 @@ def report(results: dict[str, Any]) -> str:
             w("")
             w(
                 f"Paired rounds, on ÷ off at c=32: {', '.join(f'{x:.2f}' for x in ratios)} "
-                f"(median {statistics.median(ratios):.2f}); p50 on − off at c=1: "
+                f"(median {statistics.median(ratios):.2f}); p50 on - off at c=1: "
                 f"{', '.join(f'{x:+.3f}' for x in gaps)} ms (median {statistics.median(gaps):+.3f} ms)."
             )
         w("")
