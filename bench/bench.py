@@ -1588,14 +1588,14 @@ def report(results: dict[str, Any]) -> str:
         )
         w("")
         w(
-            "| method | c | req/s | mean ms | p50 ms | p95 ms | p99 ms | errors | DB queries / request | RSS MB before → after | proxy CPU % | proxy CPU µs / request | upstream CPU % | wrk CPU % | other CPU % |"
+            "| method | c | req/s | mean ms | p50 ms | p95 ms | p99 ms | errors | DB queries / request | RSS MB before → after | proxy CPU % | proxy CPU µs / request | upstream CPU % | wrk CPU % | other CPU % | request-log rows dropped |"
         )
         w(
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         )
         for r in v["runs"]:
             w(
-                f"| {r['method']} | {r['concurrency']} | {r['rps']:.0f} | {ms(r['lat_mean_us'])} | {ms(r['p50_us'])} | {ms(r['p95_us'])} | {ms(r['p99_us'])} | {errorsText(r)} | {queriesText(r)} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} | {pct(r['server_cpu_pct'])} | {cpuUs(r):.0f} | {pct(r['upstream_cpu_pct'])} | {pct(r['wrk_cpu_pct'])} | {pct(r['other_cpu_pct'])} |"
+                f"| {r['method']} | {r['concurrency']} | {r['rps']:.0f} | {ms(r['lat_mean_us'])} | {ms(r['p50_us'])} | {ms(r['p95_us'])} | {ms(r['p99_us'])} | {errorsText(r)} | {queriesText(r)} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} | {pct(r['server_cpu_pct'])} | {cpuUs(r):.0f} | {pct(r['upstream_cpu_pct'])} | {pct(r['wrk_cpu_pct'])} | {pct(r['other_cpu_pct'])} | {r.get('requestlog_dropped', 0):.0f} |"
             )
         w("")
         pc, pg = v["paired"]["ceiling"], v["paired"]["gap"]
@@ -1614,14 +1614,16 @@ def report(results: dict[str, Any]) -> str:
         w("")
         w("Beyond capacity (tools/call):")
         w("")
-        w("| c | req/s | p50 ms | p99 ms | max ms | 503 | other failures | RSS MB before → after |")
-        w("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+        w(
+            "| c | req/s | p50 ms | p99 ms | max ms | 503 | other failures | RSS MB before → after | request-log rows dropped |"
+        )
+        w("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
         for r in v["beyond"]:
             other = dict(r)
             other["errors"] = r["failures_not_503"]
             other["status503"] = 0
             w(
-                f"| {r['concurrency']} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['lat_max_us'])} | {r['status503']} | {errorsText(other) if r['failures_not_503'] else '0'} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} |"
+                f"| {r['concurrency']} | {r['rps']:.0f} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['lat_max_us'])} | {r['status503']} | {errorsText(other) if r['failures_not_503'] else '0'} | {mb(r['rss_before_kb'])} → {mb(r['rss_after_kb'])} | {r.get('requestlog_dropped', 0):.0f} |"
             )
         w("")
         ab = v["request_log_ab"]
@@ -1828,9 +1830,18 @@ def main() -> None:
     runP.add_argument("--no-profile", action="store_true")
     runP.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
     runP.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    reportP = sub.add_parser(
+        "report", help="write latest.md and docs/performance.md again from a results.json"
+    )
+    reportP.add_argument("results")
+    reportP.add_argument("--no-doc", action="store_true")
     cleanP = sub.add_parser("cleanup")
     cleanP.add_argument("run_dir")
     args = parser.parse_args()
+    if args.command == "report":
+        path = Path(args.results)
+        publish(json.loads(path.read_text()), path.parent, args.no_doc)
+        return
     if args.command == "cleanup":
         cleanupRun(Path(args.run_dir))
         return
@@ -1866,10 +1877,17 @@ def main() -> None:
     results["code_at_end"] = dict(zip(("commit", "dirty"), codeVersion()))
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["extra_s"] = round(EXTRA["seconds"], 1)
+    (run / "results.json").write_text(json.dumps(results, indent=1))
+    publish(results, run, args.no_doc)
+
+
+def publish(results: dict[str, Any], run: Path, noDoc: bool) -> None:
+    """
+    Write bench/results/latest.md and .json, and docs/performance.md.
+    """
     body = report(results)
     resultsDir = BENCH / "results"
     resultsDir.mkdir(exist_ok=True)
-    (run / "results.json").write_text(json.dumps(results, indent=1))
     (resultsDir / "latest.json").write_text(json.dumps(results, indent=1))
     title = "# mcp-proxy benchmark: latest run\n\n"
     (resultsDir / "latest.md").write_text(
@@ -1877,7 +1895,7 @@ def main() -> None:
         + body
         + f"\nThe run took {results['elapsed_s']:.0f} s ({results['extra_s']:.0f} s of it waiting for a quiet machine or measuring again); raw data: {run}/results.json\n"
     )
-    if not args.no_doc:
+    if not noDoc:
         writeDoc(body, results)
     log(f"done in {results['elapsed_s']:.0f} s: {resultsDir / 'latest.md'}")
     for t in results["targets"]:
