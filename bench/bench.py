@@ -942,6 +942,9 @@ def runBench(settings: argparse.Namespace, run: Path, registry: Registry) -> dic
     }
     log(f"machine: {results['machine']}")
 
+    if settings.only == "request-log":
+        return runRequestLogOnly(settings, run, registry, load, results)
+
     # 1. The ceiling.
     log("bare twisted.web ceiling")
     port = freePort()
@@ -1139,9 +1142,23 @@ def runVariant(
     out["proxy_log_warnings"] = _warnings(proxy.logPath)
     proxy.stop()
 
-    # Request log on against off: two fresh proxies, up at once (the one
-    # not measured is idle), measured in alternation (ABBA), so that both
-    # see the same conditions; the cost is the median of the paired ratios.
+    out["request_log_ab"] = runRequestLogAb(settings, run, registry, load, instance, variant)
+    return out
+
+
+def runRequestLogAb(
+    settings: argparse.Namespace,
+    run: Path,
+    registry: Registry,
+    load: Load,
+    instance: Instance,
+    variant: str,
+) -> dict[str, list[dict[str, Any]]]:
+    """
+    Request log on against off: two fresh proxies, up at once (the one not
+    measured is idle), measured in alternation (ABBA), so that both see the
+    same conditions; the cost is the median of the paired ratios.
+    """
     ab: dict[str, list[dict[str, Any]]] = {"on": [], "off": [], "on_c1": [], "off_c1": []}
     pair = {}
     for mode in ("on", "off"):
@@ -1175,8 +1192,45 @@ def runVariant(
     finally:
         for p, _ in pair.values():
             p.stop()
-    out["request_log_ab"] = ab
-    return out
+    return ab
+
+
+def runRequestLogOnly(
+    settings: argparse.Namespace,
+    run: Path,
+    registry: Registry,
+    load: Load,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """
+    C{--only request-log}: the request log on against off for each
+    database, and nothing else (for working on the log's cost).
+    """
+    results["only"] = "request-log"
+    results["variants"] = {}
+    for variant in [v for v in settings.variants.split(",") if v]:
+        if variant == "postgresql" and postgresAvailable():
+            log("PostgreSQL not reachable, skipped")
+            continue
+        log(f"request log on against off, {variant}")
+        database = databaseUrl(run, registry, variant, "ab")
+        instance = Instance(run, database, variant)
+        ab = runRequestLogAb(settings, run, registry, load, instance, variant)
+        results["variants"][variant] = {"request_log_ab": ab}
+        ratios = [a["rps"] / b["rps"] for a, b in zip(ab["on"], ab["off"]) if b["rps"]]
+        cpuOn = statistics.median(cpuUs(r) for r in ab["on"])
+        cpuOff = statistics.median(cpuUs(r) for r in ab["off"])
+        p50 = statistics.median(
+            a["p50_us"] - b["p50_us"] for a, b in zip(ab["on_c1"], ab["off_c1"])
+        )
+        dropped = sum(r.get("requestlog_dropped", 0) for r in ab["on"] + ab["on_c1"])
+        log(
+            f"  {variant}: c=32 on/off ratios {', '.join(f'{x:.2f}' for x in ratios)}, "
+            f"cost {100 * (1 - statistics.median(ratios)):.1f} %; proxy CPU per request "
+            f"on {cpuOn:.0f} µs, off {cpuOff:.0f} µs ({100 * (cpuOn / cpuOff - 1):+.1f} %); "
+            f"c=1 p50 on - off {p50 / 1000:+.3f} ms; rows dropped {dropped:.0f}"
+        )
+    return results
 
 
 def _warnings(path: Path) -> list[str]:
@@ -1830,6 +1884,11 @@ def main() -> None:
     runP.add_argument("--no-profile", action="store_true")
     runP.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
     runP.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    runP.add_argument(
+        "--only",
+        choices=["request-log"],
+        help="measure only this part (results.json only; no report, docs/performance.md untouched)",
+    )
     reportP = sub.add_parser(
         "report", help="write latest.md and docs/performance.md again from a results.json"
     )
@@ -1878,6 +1937,9 @@ def main() -> None:
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["extra_s"] = round(EXTRA["seconds"], 1)
     (run / "results.json").write_text(json.dumps(results, indent=1))
+    if args.only:
+        log(f"done in {results['elapsed_s']:.0f} s: {run / 'results.json'}")
+        return
     publish(results, run, args.no_doc)
 
 

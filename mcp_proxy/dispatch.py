@@ -49,6 +49,8 @@ class CallContext:
     @ivar userAgent: the client's C{User-Agent}, for the request log.
     @ivar validationMode: the request said C{x-validation-mode: true}: it
         is not logged (the origin's connection tests use it).
+    @ivar requestBytes: the size of the HTTP body that carried the request
+        (the whole batch for a batched one), or C{None} when unknown.
     """
 
     instanceId: str
@@ -59,6 +61,7 @@ class CallContext:
     protocolVersion: str = LATEST_VERSION
     userAgent: Optional[str] = None
     validationMode: bool = False
+    requestBytes: Optional[int] = None
 
 
 def negotiateVersion(requested: Any) -> str:

@@ -44,13 +44,35 @@ def displayApiKey(key: str) -> str:
     return f"{prefix}...{key[-4:]}"
 
 
-def _base36(n: int) -> str:
+#: Every two-character base36 string, in order: C{_B36_PAIRS[n]} spells
+#: C{n} (0 <= n < 36 ** 2) in two digits.
+_B36_PAIRS = tuple(a + b for a in _B36 for b in _B36)
+
+
+def _base36(n: int, width: int) -> str:
+    """
+    The last C{width} (even) base36 digits of C{n} >= 0, zero-padded: two
+    digits per division, as ids are made for every logged request.
+    """
     out = []
-    while True:
-        n, r = divmod(n, 36)
-        out.append(_B36[r])
-        if not n:
-            return "".join(reversed(out))
+    for _ in range(width // 2):
+        n, r = divmod(n, 1296)
+        out.append(_B36_PAIRS[r])
+    out.reverse()
+    return "".join(out)
+
+
+def newIds(count: int) -> list[str]:
+    """
+    C{count} new ids, as L{newId} makes them, at a lower cost each: one
+    clock reading and one read of random bytes for all of them.
+    """
+    prefix = "c" + _base36(int(time.time() * 1000), 8)
+    random = secrets.token_bytes(10 * count)
+    return [
+        prefix + _base36(int.from_bytes(random[i : i + 10], "big"), 16)
+        for i in range(0, 10 * count, 10)
+    ]
 
 
 def newId() -> str:
@@ -59,6 +81,4 @@ def newId() -> str:
     cuid (C{c} + millisecond timestamp + 80 random bits, lowercase base36,
     25 characters), as the origin's ids are.
     """
-    ts = _base36(int(time.time() * 1000)).rjust(8, "0")[-8:]
-    rand = _base36(secrets.randbits(80)).rjust(16, "0")[-16:]
-    return "c" + ts + rand
+    return "c" + _base36(int(time.time() * 1000), 8) + _base36(secrets.randbits(80), 16)

@@ -351,6 +351,7 @@ class ProxyService(MultiService):
                 durationMs,
                 userAgent=ctx.userAgent,
                 validationMode=ctx.validationMode,
+                requestBytes=ctx.requestBytes,
             )
 
     # -- relaying ---------------------------------------------------------

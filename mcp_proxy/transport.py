@@ -654,7 +654,10 @@ class McpFront:
             )
         return version
 
-    def _readBody(self, request: IRequest) -> Any:
+    def _readBody(self, request: IRequest) -> tuple[Any, int]:
+        """
+        The decoded JSON body, and its size in bytes.
+        """
         contentType = _header(request, b"content-type")
         if contentType is not None:
             mime = contentType.split(";", 1)[0].strip().lower()
@@ -667,14 +670,14 @@ class McpFront:
         content = request.content
         body = content.read() if content is not None else b""
         try:
-            return jsonrpc.decode(body)
+            return jsonrpc.decode(body), len(body)
         except jsonrpc.JsonRpcError as e:
             raise HttpError(400, e.code, e.message) from None
 
     async def _post(self, request: IRequest, instanceId: Optional[str]) -> bytes:
         self._checkOrigin(request)
         principal = await self._authenticate(request, instanceId)
-        message = self._readBody(request)
+        message, size = self._readBody(request)
         session = self._session(request, principal)
         bindRequest(
             request,
@@ -683,7 +686,7 @@ class McpFront:
             _methodOf(message),
         )
         if isinstance(message, list):
-            return await self._batch(request, principal, session, message)
+            return await self._batch(request, principal, session, message, size)
         kind = jsonrpc.classify(message)
         if kind == "invalid":
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "Invalid Request")
@@ -718,6 +721,7 @@ class McpFront:
             protocolVersion=version or "2025-03-26",
             userAgent=_header(request, b"user-agent"),
             validationMode=_validationMode(request),
+            requestBytes=size,
         )
         channel = ResponseChannel(request)
         downstream = self._downstream(principal.keyId, session, channel.send)
@@ -798,6 +802,7 @@ class McpFront:
         principal: Principal,
         session: Optional[Session],
         messages: list[Any],
+        size: int,
     ) -> bytes:
         version = (
             session.protocolVersion if session is not None else self._checkProtocolVersion(request)
@@ -831,6 +836,7 @@ class McpFront:
             protocolVersion=version,
             userAgent=_header(request, b"user-agent"),
             validationMode=_validationMode(request),
+            requestBytes=size,
         )
         requests = [m for k, m in zip(kinds, messages) if k == "request"]
         if not requests:
@@ -967,7 +973,7 @@ class McpFront:
             principal = await self._authenticate(request, session.instanceId)
             if principal.keyId != session.keyId:
                 raise HttpError(404, jsonrpc.REQUEST_TIMEOUT, "Session not found")
-        message = self._readBody(request)
+        message, size = self._readBody(request)
         bindRequest(request, session.instanceId, session.id, _methodOf(message))
         kind = jsonrpc.classify(message)
         if kind == "invalid":
@@ -981,6 +987,7 @@ class McpFront:
                     message,
                     _header(request, b"user-agent"),
                     _validationMode(request),
+                    size,
                 )
             ).addErrback(lambda f: log.failure("answering on the SSE stream failed", f))
         elif kind == "response":
@@ -998,6 +1005,7 @@ class McpFront:
         message: dict[str, Any],
         userAgent: Optional[str],
         validationMode: bool,
+        requestBytes: int,
     ) -> None:
         ctx = CallContext(
             instanceId=session.instanceId,
@@ -1008,6 +1016,7 @@ class McpFront:
             protocolVersion=session.protocolVersion,
             userAgent=userAgent,
             validationMode=validationMode,
+            requestBytes=requestBytes,
         )
 
         def send(related: dict[str, Any]) -> bool:

@@ -934,9 +934,41 @@ async def test_requestLogs(repository: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_insertRequestLogsAwkwardValues(repository: Any) -> None:
+    """
+    Text with quotes, backslashes, JSON and SQL syntax, non-ASCII and
+    emoji, every byte value in the payloads, and the largest integers are
+    stored as given; a NUL in client-chosen text (which PostgreSQL's text
+    cannot hold) becomes U+FFFD on both databases.
+    """
+    world = await makeWorld(repository)
+    nasty = 'it\'s \\x00 "q" \\ {"a":[1]} \'); DROP TABLE x; -- \u00e9\u4e2d\U0001f600'
+    payload = bytes(range(256)) * 3
+    row = evolve(
+        logRow(world, 1, datetime.datetime(2025, 1, 2, 3, 4, 5, 678000), logData(payload)),
+        toolName=nasty,
+        errorMessage=nasty + "\x00end",
+        errorCode="E\x00",
+        userAgent="agent/1.0 \x00",
+        inputBytes=2**31 - 1,
+        outputBytes=0,
+    )
+    assert await repository.insertRequestLogs([row]) == 1
+    [stored] = await repository.listRequestLogs(world.instance.id, None, 10, True)
+    assert stored == evolve(
+        row,
+        errorMessage=nasty + "\N{REPLACEMENT CHARACTER}end",
+        errorCode="E\N{REPLACEMENT CHARACTER}",
+        userAgent="agent/1.0 \N{REPLACEMENT CHARACTER}",
+    )
+    assert stored.data is not None and stored.data.outputDataCompressed == b"\x00\x01\xff" + payload
+
+
+@pytest_twisted.ensureDeferred
 async def test_insertRequestLogsBatches(repository: Any) -> None:
     """
-    Many rows go in a few multi-row statements; none at all for no rows.
+    Many rows go in a few multi-row statements (on PostgreSQL one per
+    table, the rows in one JSON parameter); none at all for no rows.
     """
     world = await makeWorld(repository)
     before = repository.queryCounts.get("insertRequestLogs", 0)
@@ -953,8 +985,9 @@ async def test_insertRequestLogsBatches(repository: Any) -> None:
         for n in range(1, 1201)
     ]
     assert await repository.insertRequestLogs(rows) == 1200
-    # 1200 log rows: 3 statements; 400 data rows: 1 statement.
-    assert repository.queryCounts["insertRequestLogs"] == before + 4
+    # SQLite: 1200 log rows, 3 statements; 400 data rows, 1 statement.
+    statements = 2 if repository.kind == "postgresql" else 4
+    assert repository.queryCounts["insertRequestLogs"] == before + statements
     listed = await repository.listRequestLogs(world.instance.id, None, 2000, True)
     assert len(listed) == 1200 and listed[0] == rows[-1] and listed[-1] == rows[0]
 

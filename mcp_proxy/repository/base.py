@@ -243,7 +243,7 @@ class RepositoryBase:
         """
         See L{IRepository.insertRequestLogs}.
         """
-        return self._run(plans.insertRequestLogs(rows))
+        return self._run(plans.insertRequestLogs(rows, self.kind))
 
     def listRequestLogs(
         self,

@@ -61,6 +61,10 @@ def _qmark(sql: str) -> str:
     return sql.replace("%s", "?")
 
 
+#: Parameter types that sqlite3 takes as they are.
+_PLAIN = frozenset({str, int, float, bytes, type(None)})
+
+
 def _param(value: Any) -> Any:
     if isinstance(value, Array):
         return json.dumps(list(value.values))
@@ -236,7 +240,7 @@ class SqliteRepository(RepositoryBase):
         self, cursor: sqlite3.Cursor, sql: str, params: tuple[Any, ...], call: _Call
     ) -> Rows:
         try:
-            cursor.execute(sql, tuple(_param(p) for p in params))
+            cursor.execute(sql, tuple(p if type(p) in _PLAIN else _param(p) for p in params))
             return cursor.fetchall() if cursor.description is not None else []
         except sqlite3.Error as e:
             if call.cancelled and "interrupt" in str(e):
