@@ -79,6 +79,13 @@ def _onOff(value: str) -> bool:
     raise ValueError("must be on or off")
 
 
+def _writer(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("process", "inline"):
+        raise ValueError("must be process or inline")
+    return text
+
+
 def _names(value: str) -> frozenset[str]:
     names = frozenset(part.strip().lower() for part in value.split(",") if part.strip())
     if not names:
@@ -189,6 +196,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         _onOff,
         "Write a request-log row per tools/call, tools/list, resources/read and "
         "prompts/get (on or off).",
+    ),
+    OptionSpec(
+        "request-log-writer",
+        "process",
+        _writer,
+        "Who builds and writes request-log rows: process (a writer process of its own, "
+        "so that the work runs beside the proxy's reactor, not under its GIL) or inline "
+        "(the proxy's process; always so for an in-memory SQLite database).",
     ),
     OptionSpec(
         "request-log-batch-size", "200", _positiveInt, "Request-log rows written per INSERT."
@@ -367,6 +382,7 @@ class Settings:
     sseKeepalive: float = 30.0
     clientTimeout: float = 60.0
     requestLog: bool = True
+    requestLogWriter: str = "process"
     requestLogBatchSize: int = 200
     requestLogFlushInterval: float = 0.5
     requestLogMaxQueue: int = 10000

@@ -3,7 +3,8 @@ The zope.interface interfaces of mcp-proxy.
 
 Every interface here has, or is expected to have, more than one provider:
 the repository (SQLite, PostgreSQL), the cache (memory, Redis), the upstream
-connection (stdio process, remote HTTP).  Each provider is checked with
+connection (stdio process, remote HTTP), the request log (in the proxy's
+process, or through a writer process).  Each provider is checked with
 C{verifyObject} and run through the interface's shared contract tests.
 """
 
@@ -328,4 +329,58 @@ class IUpstream(Interface):
         then kill its whole process group.
 
         @return: a Deferred firing once it has ended.
+        """
+
+
+class IRequestLog(Interface):
+    """
+    The request log: one row per logged MCP request, written later, in
+    batches (L{mcp_proxy.requestlog.RequestLog} in the proxy's process,
+    L{mcp_proxy.logwriter.ProcessRequestLog} through a writer process).
+    """
+
+    queued = Attribute("Rows recorded.")
+    written = Attribute("Rows written.")
+    dropped = Attribute("Rows dropped (queue full, writer gone, stop timeout).")
+    refused = Attribute("Rows the database refused for good, or that could not be built.")
+    failedWrites = Attribute("Inserts that failed and were retried.")
+    batches = Attribute("Inserts that succeeded.")
+    queueDepth = Attribute("Rows recorded and neither written nor dropped yet.")
+
+    def record(
+        ctx,
+        method,
+        params,
+        result,
+        error,
+        durationMs,
+        inputBytes=None,
+        userAgent=None,
+        validationMode=False,
+        requestBytes=None,
+    ):
+        """
+        Log one answered request, later; this only queues references (it
+        is called on the response path).  Methods other than tools/call,
+        tools/list, resources/read and prompts/get, and requests in
+        validation mode, are not logged.
+        """
+
+    def start():
+        """
+        Start writing (rows recorded before are kept).
+        """
+
+    def flush():
+        """
+        Write what was recorded so far without waiting for a batch to fill.
+
+        @return: a Deferred firing once it is written (or dropped).
+        """
+
+    def stop():
+        """
+        Write everything recorded, for at most the stop timeout, and stop.
+
+        @return: a Deferred firing when done; it never fails.
         """

@@ -47,9 +47,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mcp_proxy.errors import Conflict, InvalidInput, NotFound
-from mcp_proxy.interfaces import IRepository
+from mcp_proxy.interfaces import IRepository, IRequestLog
 from mcp_proxy.keys import newIds
 from mcp_proxy.models import RequestLogData, RequestLogRow
 
@@ -187,6 +188,8 @@ def describeError(error: Any) -> tuple[str, str]:
         message = message or type(error).__name__
         if isinstance(code, int) and not isinstance(code, bool):
             return message, str(code)
+        if isinstance(code, str) and code:
+            return message, code
         return message, type(error).__name__
     return str(error), "UnknownError"
 
@@ -401,6 +404,7 @@ class _Outcome:
     error: str = ""
 
 
+@implementer(IRequestLog)
 @define(eq=False, on_setattr=setters.NO_OP)
 class RequestLog:
     """
@@ -505,6 +509,7 @@ class RequestLog:
         userAgent: Optional[str] = None,
         validationMode: bool = False,
         requestBytes: Optional[int] = None,
+        at: Optional[float] = None,
     ) -> None:
         """
         Log one answered request, later: this only queues references and
@@ -531,6 +536,8 @@ class RequestLog:
             request (at least that of its params' JSON), or C{None} when
             unknown; a row is built on the reactor only when this and the
             result's size are known and small (L{INLINE_LIMIT}).
+        @param at: when the request was answered (POSIX seconds); now by
+            default.
         """
         if validationMode or method not in LOGGED_METHODS or not ctx.instanceId:
             return
@@ -552,7 +559,7 @@ class RequestLog:
                 durationMs,
                 inputBytes,
                 userAgent,
-                self.clock.seconds(),
+                self.clock.seconds() if at is None else at,
                 requestBytes,
             )
         )

@@ -25,8 +25,9 @@ from mcp_proxy.changes import PostgresChangeListener, RedisChangeListener, redis
 from mcp_proxy.config import Settings
 from mcp_proxy.dispatch import CallContext
 from mcp_proxy.httpserver import makeSite
-from mcp_proxy.interfaces import IRepository
+from mcp_proxy.interfaces import IRepository, IRequestLog
 from mcp_proxy.invalidation import InvalidatingRepository, Invalidator
+from mcp_proxy.logwriter import ProcessRequestLog
 from mcp_proxy.metrics import MeteredDispatcher, Metrics, instrumentFront, metricsResource
 from mcp_proxy.relay import RelayHub
 from mcp_proxy.repository import openRepository
@@ -114,16 +115,8 @@ class ProxyService(MultiService):
             upstreamCapabilities=self.pool.capabilities,
             hub=self.hub,
         )
-        self.requestLog: Optional[RequestLog] = (
-            RequestLog(
-                repository=self.repository,
-                reactor=reactor,
-                batchSize=settings.requestLogBatchSize,
-                flushInterval=settings.requestLogFlushInterval,
-                maxQueue=settings.requestLogMaxQueue,
-                maxDataBytes=settings.requestLogMaxData,
-                doubleEncode=settings.requestLogDoubleEncode,
-            )
+        self.requestLog: Optional[IRequestLog] = (
+            self._makeRequestLog(settings, reactor, repository is None)
             if settings.requestLog
             else None
         )
@@ -213,6 +206,24 @@ class ProxyService(MultiService):
         self._healthCache: Optional[tuple[float, str]] = None
 
     # -- lifecycle --------------------------------------------------------
+
+    def _makeRequestLog(self, settings: Settings, reactor: Any, ownDatabase: bool) -> IRequestLog:
+        """
+        The request log: written by a writer process of its own (unless
+        told otherwise, or the database is one only this process can open:
+        an in-memory SQLite one, or a repository given by the caller).
+        """
+        options: dict[str, Any] = dict(
+            batchSize=settings.requestLogBatchSize,
+            flushInterval=settings.requestLogFlushInterval,
+            maxQueue=settings.requestLogMaxQueue,
+            maxDataBytes=settings.requestLogMaxData,
+            doubleEncode=settings.requestLogDoubleEncode,
+        )
+        database = settings.database
+        if settings.requestLogWriter == "process" and ownDatabase and database.path != ":memory:":
+            return ProcessRequestLog(database=database, reactor=reactor, **options)
+        return RequestLog(repository=self.repository, reactor=reactor, **options)
 
     def startService(self) -> None:
         Service.startService(self)
