@@ -867,11 +867,33 @@ async def _run(reactor: Any, args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """
     The writer process (started by L{ProcessRequestLog}).
+
+    It ignores SIGINT and SIGTERM: a Ctrl-C in a terminal, or a service
+    manager's SIGTERM, reaches the whole process group, and the writer must
+    outlive the proxy's stop to write what the proxy sends last.  It ends
+    when its stdin closes (the proxy stopped, or died), or by SIGKILL.
     """
-    from twisted.internet.task import react
+    import signal
+
+    from twisted.internet import reactor
 
     args = _parseArgs(sys.argv[1:] if argv is None else argv)
-    react(lambda reactor: Deferred.fromCoroutine(_run(reactor, args)))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    status = [0]
+
+    def failed(reason: Failure) -> None:
+        status[0] = 1
+        sys.stderr.write(f"the request log writer failed: {reason.getErrorMessage()}\n")
+
+    def run() -> None:
+        d = Deferred.fromCoroutine(_run(reactor, args))
+        d.addErrback(failed)
+        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(run)  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined,call-arg]
+    sys.exit(status[0])
 
 
 if __name__ == "__main__":

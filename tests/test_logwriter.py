@@ -257,3 +257,25 @@ async def test_childReportsStats(world: World) -> None:
     done: Deferred[None] = log.stop()
     await done
     assert json.loads(json.dumps({"written": log.written}))["written"] == 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_childOutlivesSignals(world: World) -> None:
+    """
+    SIGINT and SIGTERM (a Ctrl-C or a service manager reaching the whole
+    process group) do not end the writer: it still writes what the proxy
+    sends while it stops.
+    """
+    log = world.log()
+    log.start()
+    await waitFor(lambda: log._ready)
+    pid = log.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    await deferLater(reactor, 0.3, lambda: None)
+    assert log.pid == pid and log.starts == 1
+    for n in range(3):
+        world.call(log, n)
+    await log.stop()
+    assert log.written == 3 and len(await world.rows()) == 3
