@@ -360,3 +360,35 @@ async def _checkRequestLog(proxy: Proxy, skipped: int = 0) -> None:
     [failed] = [r for r in calls if r.responseStatus == "500"]
     assert failed.errorCode == "-32602"
     assert failed.data is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_requestLogWrittenOnStop(tmp_path: Path) -> None:
+    """
+    The proxy's stop writes every row recorded, through its writer process,
+    without a flush first; a second stop is harmless.
+    """
+    from mcp_proxy.logwriter import ProcessRequestLog
+    from mcp_proxy.repository import openRepository
+
+    database = f"sqlite:///{tmp_path}/stop.sqlite3"
+    proxy = None
+    async for running in _proxyOn(database):
+        proxy = running
+        requestLog = running.service.requestLog
+        assert isinstance(requestLog, ProcessRequestLog) and requestLog.pid is not None
+        writer = requestLog.pid
+        for i in range(30):
+            await running.call("echo", {"text": f"at stop {i}"})
+        await running.service.stopService()
+        assert requestLog.pid is None and not _alive(writer)
+        assert requestLog.written == 30 and requestLog.dropped == 0
+    assert proxy is not None
+    settings = resolveSettings({"database": database}, ("tcp:0",), environ={})
+    repository = openRepository(settings.database, reactor)
+    await repository.start()
+    try:
+        rows = await repository.listRequestLogs(proxy.instanceId, None, 100, False)
+    finally:
+        await repository.stop()
+    assert sorted(r.toolName for r in rows) == ["echo"] * 30
