@@ -62,10 +62,10 @@ from mcp_proxy.requestlog import (
     DEFAULT_MAX_DATA_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_STOP_TIMEOUT,
-    INLINE_LIMIT,
     LOGGED_METHODS,
     RequestLog,
     describeError,
+    isSmall,
 )
 
 log = Logger(namespace="mcp_proxy.logwriter")
@@ -427,16 +427,7 @@ class ProcessRequestLog:
         while incoming and room > 0:
             entry = incoming.popleft()
             room -= 1
-            requestBytes = entry[9]
-            result = entry[3]
-            if (
-                requestBytes is not None
-                and requestBytes <= INLINE_LIMIT
-                and (
-                    result is None
-                    or (isinstance(result, (bytes, bytearray)) and len(result) <= INLINE_LIMIT)
-                )
-            ):
+            if isSmall(entry[9], entry[3]):
                 frame = encodeEntry(*entry)
                 if frame is None:
                     self._dropHere(1)

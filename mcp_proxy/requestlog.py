@@ -979,18 +979,24 @@ class RequestLog:
         self._checkWaiters()
 
 
-def _small(entry: tuple[Any, ...]) -> bool:
+def isSmall(requestBytes: Optional[int], result: Any) -> bool:
     """
-    Whether a recorded request (a tuple of L{Entry}'s fields) is known to
-    be small enough to build its row on the reactor.
+    Whether a request is known to be small enough (L{INLINE_LIMIT}) to
+    handle on the reactor: the size of the body that carried it, and its
+    result (C{None}, or the bytes of its JSON).
     """
-    requestBytes = entry[11]
     if requestBytes is None or requestBytes > INLINE_LIMIT:
         return False
-    result = entry[5]
     if result is None:
         return True
     return isinstance(result, (bytes, bytearray)) and len(result) <= INLINE_LIMIT
+
+
+def _small(entry: tuple[Any, ...]) -> bool:
+    """
+    L{isSmall} of a recorded request (a tuple of L{Entry}'s fields).
+    """
+    return isSmall(entry[11], entry[5])
 
 
 def _reportBuildErrors(errors: dict[str, int]) -> None:
