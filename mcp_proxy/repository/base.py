@@ -7,6 +7,7 @@ cancellation and the draining of operations on stop.
 from __future__ import annotations
 
 import datetime
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, TypeVar
 
@@ -56,7 +57,7 @@ def cancellable(inner: Deferred[T], cancel: Callable[[], object]) -> Deferred[T]
     return outer
 
 
-class RepositoryBase:
+class RepositoryBase(metaclass=ABCMeta):
     """
     The provider-independent part of a repository.  A subclass (an attrs
     class) provides the attributes below and L{_submit}, L{_translate},
@@ -75,33 +76,33 @@ class RepositoryBase:
 
     # -- provider hooks -------------------------------------------------------
 
+    @abstractmethod
     def _submit(self, op: Operation[T]) -> tuple[Deferred[T], Callable[[], object]]:
         """
         Start running C{op}.
 
         @return: its Deferred and a function that cancels it.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def _translate(self, error: BaseException, sql: str = "") -> Optional[BaseException]:
         """
         The mcp-proxy error for a driver error, or C{None} to keep it.
 
         @param sql: the failed statement, when known.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     async def _open(self) -> None:
         """
         Connect.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def _close(self) -> None:
         """
         Close every connection.
         """
-        raise NotImplementedError()
 
     # -- running operations ---------------------------------------------------
 

@@ -14,6 +14,7 @@ or HTTP (L{RemoteUpstream<mcp_proxy.upstream.http.RemoteUpstream>}).
 from __future__ import annotations
 
 import re
+from abc import ABCMeta, abstractmethod
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -87,7 +88,7 @@ EntryT = TypeVar("EntryT", bound=PendingCall)
 
 
 @define(eq=False)
-class JsonRpcPeer(Generic[EntryT]):
+class JsonRpcPeer(Generic[EntryT], metaclass=ABCMeta):
     """
     An upstream, but for how its messages travel.  A subclass provides:
 
@@ -226,37 +227,37 @@ class JsonRpcPeer(Generic[EntryT]):
 
     # -- what a transport provides -------------------------------------------
 
+    @abstractmethod
     def _start(self) -> Coroutine[Any, Any, None]:
         """
         Spawn or connect, and run L{_initialize}.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _newEntry(self, requestId: int, method: str, body: bytes) -> EntryT:
         """
         The record of a request about to be sent.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _transmit(self, entry: EntryT, body: bytes) -> None:
         """
         Send the request of C{entry}, encoded as C{body}.  Its response
         comes back through L{_dispatch}.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _sendMessage(self, message: dict[str, Any]) -> None:
         """
         Send a notification or a reply; dropped when not running.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _beginStop(self) -> None:
         """
         Begin stopping (L{stop} was called, not for the first time perhaps);
         call L{_ended} once done.
         """
-        raise NotImplementedError
 
     # -- timers --------------------------------------------------------------
 

@@ -20,6 +20,7 @@ new one on next use.  An HTTP error answer fails only its own call.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Mapping, Optional, Union, cast
 from urllib.parse import urlsplit
 
@@ -356,18 +357,18 @@ class RemoteUpstream(JsonRpcPeer[_Pending]):
 
     # -- subclass hooks ------------------------------------------------------
 
+    @abstractmethod
     def _deliver(self, entry: _Pending) -> Coroutine[Any, Any, None]:
         """
         Send the request of C{entry}; raise if it could not be sent or
         answered.  The response itself goes through L{_messageReceived}.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _postMessage(self, body: bytes) -> Coroutine[Any, Any, None]:
         """
         POST a notification or a reply; raise on failure.
         """
-        raise NotImplementedError
 
     async def _connect(self, deadline: Optional[float]) -> None:
         """
