@@ -996,6 +996,33 @@ def runBench(settings: argparse.Namespace, run: Path, registry: Registry) -> dic
     return results
 
 
+def measureProxy(
+    load: Load,
+    proxy: Proxy,
+    url: str,
+    instance: Instance,
+    sessionsFile: str,
+    method: str,
+    concurrency: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """
+    L{measured} of a proxy under C{method} load, with the instance's key,
+    the sessions of C{sessionsFile}, and the proxy's /metrics.
+    """
+    return measured(
+        load,
+        proxy.pid,
+        url,
+        method,
+        concurrency,
+        seconds,
+        instance.key,
+        sessionsFile,
+        metricsPort=proxy.metricsPort,
+    )
+
+
 def databaseUrl(run: Path, registry: Registry, variant: str, label: str) -> str:
     if variant == "sqlite":
         path = run / f"{label}.sqlite3"
@@ -1049,17 +1076,7 @@ def runVariant(
     runs = []
     for method in METHODS:
         for c in LOAD_CONCURRENCY:
-            data = measured(
-                load,
-                proxy.pid,
-                url,
-                method,
-                c,
-                D,
-                instance.key,
-                sessionsFile,
-                metricsPort=proxy.metricsPort,
-            )
+            data = measureProxy(load, proxy, url, instance, sessionsFile, method, c, D)
             runs.append(data)
             log(
                 f"  {variant} {method} c={c}: {data['rps']:.0f} req/s p50 {data['p50_us'] / 1000:.2f} ms "
@@ -1077,16 +1094,8 @@ def runVariant(
         settings.pair_rounds,
         {
             "bare": lambda: measured(load, bareProcess.pid, bareUrl, "tools/call", 32, S),
-            "proxy": lambda: measured(
-                load,
-                proxy.pid,
-                url,
-                "tools/call",
-                32,
-                S,
-                instance.key,
-                sessionsFile,
-                metricsPort=proxy.metricsPort,
+            "proxy": lambda: measureProxy(
+                load, proxy, url, instance, sessionsFile, "tools/call", 32, S
             ),
         },
     )
@@ -1094,16 +1103,8 @@ def runVariant(
         settings.pair_rounds,
         {
             "direct": lambda: runDirect(settings, 1, S, 0.5),
-            "proxy": lambda: measured(
-                load,
-                proxy.pid,
-                url,
-                "tools/call",
-                1,
-                S,
-                instance.key,
-                sessionsFile,
-                metricsPort=proxy.metricsPort,
+            "proxy": lambda: measureProxy(
+                load, proxy, url, instance, sessionsFile, "tools/call", 1, S
             ),
         },
     )
@@ -1122,17 +1123,7 @@ def runVariant(
     # Beyond capacity.
     shedding = []
     for c in settings.beyond:
-        data = measured(
-            load,
-            proxy.pid,
-            url,
-            "tools/call",
-            c,
-            D,
-            instance.key,
-            sessionsFile,
-            metricsPort=proxy.metricsPort,
-        )
+        data = measureProxy(load, proxy, url, instance, sessionsFile, "tools/call", c, D)
         shedding.append(data)
         log(
             f"  {variant} beyond c={c}: {data['rps']:.0f} req/s p99 {data['p99_us'] / 1000:.0f} ms "
@@ -1171,16 +1162,15 @@ def runRequestLogAb(
             for c in (32, 1):
                 for mode in order:
                     p, sf = pair[mode]
-                    data = measured(
+                    data = measureProxy(
                         load,
-                        p.pid,
+                        p,
                         f"http://127.0.0.1:{p.port}{instance.path()}",
+                        instance,
+                        sf,
                         "tools/call",
                         c,
                         settings.ab_seconds,
-                        instance.key,
-                        sf,
-                        metricsPort=p.metricsPort,
                     )
                     data["round"] = rnd
                     ab[mode if c == 32 else mode + "_c1"].append(data)
