@@ -37,7 +37,7 @@ import sys
 from collections import deque
 from typing import Any, Optional
 
-from attrs import define, field, setters
+from attrs import define, field, setters, validators
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
@@ -67,6 +67,7 @@ from mcp_proxy.requestlog import (
     describeError,
     isSmall,
 )
+from mcp_proxy.validation import notNegative, positive
 
 log = Logger(namespace="mcp_proxy.logwriter")
 
@@ -278,13 +279,13 @@ class ProcessRequestLog:
     database: DatabaseURL
     reactor: Any
     clock: IReactorTime = field(default=None)
-    batchSize: int = DEFAULT_BATCH_SIZE
-    flushInterval: float = DEFAULT_FLUSH_INTERVAL
-    maxQueue: int = DEFAULT_MAX_QUEUE
-    maxDataBytes: int = DEFAULT_MAX_DATA_BYTES
-    doubleEncode: bool = False
-    stopTimeout: float = DEFAULT_STOP_TIMEOUT
-    queryTimeout: float = 30.0
+    batchSize: int = field(default=DEFAULT_BATCH_SIZE, validator=positive)
+    flushInterval: float = field(default=DEFAULT_FLUSH_INTERVAL, validator=positive)
+    maxQueue: int = field(default=DEFAULT_MAX_QUEUE, validator=positive)
+    maxDataBytes: int = field(default=DEFAULT_MAX_DATA_BYTES, validator=notNegative)
+    doubleEncode: bool = field(default=False, validator=validators.instance_of(bool))
+    stopTimeout: float = field(default=DEFAULT_STOP_TIMEOUT, validator=positive)
+    queryTimeout: float = field(default=30.0, validator=positive)
     python: str = sys.executable
 
     queued: int = field(default=0, init=False)
@@ -546,8 +547,7 @@ class ProcessRequestLog:
         self._sent = 0
         self._child = None
         self._ready = False
-        if lost:
-            self.lost += lost
+        self.lost += lost
         if self._state == RUNNING:
             delay = self._restartDelay
             self._restartDelay = min(self._restartDelay * 2, RESTART_MAX)

@@ -53,6 +53,7 @@ from mcp_proxy.errors import Conflict, InvalidInput, NotFound
 from mcp_proxy.interfaces import IRepository, IRequestLog
 from mcp_proxy.keys import newIds
 from mcp_proxy.models import RequestLogData, RequestLogRow
+from mcp_proxy.validation import notNegative, positive
 
 log = Logger(namespace="mcp_proxy.requestlog")
 
@@ -378,16 +379,6 @@ def decodePayload(blob: bytes) -> tuple[Any, str]:
     return value, "plain"
 
 
-def _positive(instance: Any, attribute: Any, value: Any) -> None:
-    if isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{attribute.name} must be more than 0, not {value!r}")
-
-
-def _notNegative(instance: Any, attribute: Any, value: Any) -> None:
-    if isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"{attribute.name} must be 0 or more, not {value!r}")
-
-
 @define
 class _Outcome:
     """
@@ -440,13 +431,13 @@ class RequestLog:
     repository: IRepository
     reactor: Any
     clock: IReactorTime = field(default=None)
-    batchSize: int = field(default=DEFAULT_BATCH_SIZE, validator=_positive)
-    flushInterval: float = field(default=DEFAULT_FLUSH_INTERVAL, validator=_positive)
-    maxQueue: int = field(default=DEFAULT_MAX_QUEUE, validator=_positive)
-    maxQueueBytes: int = field(default=DEFAULT_MAX_QUEUE_BYTES, validator=_positive)
-    maxDataBytes: int = field(default=DEFAULT_MAX_DATA_BYTES, validator=_notNegative)
+    batchSize: int = field(default=DEFAULT_BATCH_SIZE, validator=positive)
+    flushInterval: float = field(default=DEFAULT_FLUSH_INTERVAL, validator=positive)
+    maxQueue: int = field(default=DEFAULT_MAX_QUEUE, validator=positive)
+    maxQueueBytes: int = field(default=DEFAULT_MAX_QUEUE_BYTES, validator=positive)
+    maxDataBytes: int = field(default=DEFAULT_MAX_DATA_BYTES, validator=notNegative)
     doubleEncode: bool = field(default=False, validator=validators.instance_of(bool))
-    stopTimeout: float = field(default=DEFAULT_STOP_TIMEOUT, validator=_positive)
+    stopTimeout: float = field(default=DEFAULT_STOP_TIMEOUT, validator=positive)
 
     queued: int = field(default=0, init=False)
     written: int = field(default=0, init=False)

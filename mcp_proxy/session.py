@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcp_proxy.errors import ProxyError
+from mcp_proxy.validation import positive
 
 log = Logger()
 
@@ -177,11 +178,6 @@ def _newTableStats() -> dict[str, int]:
     return dict.fromkeys(("created", "closed", "expired", "rejected"), 0)
 
 
-def _positive(instance: object, attribute: Any, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be more than 0, not {value!r}")
-
-
 @define
 class SessionTable:
     """
@@ -200,8 +196,8 @@ class SessionTable:
     """
 
     clock: IReactorTime
-    timeout: float = field(default=600.0, validator=_positive)
-    maxSessions: int = field(default=10000, validator=_positive)
+    timeout: float = field(default=600.0, validator=positive)
+    maxSessions: int = field(default=10000, validator=positive)
     stats: dict[str, int] = field(factory=_newTableStats, init=False)
     _sessions: OrderedDict[str, Session] = field(factory=OrderedDict, init=False)
     _byTransport: dict[str, int] = field(factory=lambda: dict.fromkeys(TRANSPORTS, 0), init=False)

@@ -5,7 +5,6 @@ process (C{python -m mcp_proxy.logwriter}) to a real database.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from typing import Any, AsyncIterator
@@ -14,7 +13,6 @@ import pytest
 import pytest_twisted
 from attrs import define, field
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
@@ -254,9 +252,10 @@ async def test_childReportsStats(world: World) -> None:
         world.call(log, n)
     await waitFor(lambda: log.written == 20)
     assert log.batches >= 1 and log.queueDepth == 0
-    done: Deferred[None] = log.stop()
-    await done
-    assert json.loads(json.dumps({"written": log.written}))["written"] == 20
+    assert (log.refused, log.failedWrites, log.dropped) == (0, 0, 0)
+    assert len(await world.rows()) == 20
+    await log.stop()
+    assert log.written == 20
 
 
 @pytest_twisted.ensureDeferred
@@ -279,3 +278,18 @@ async def test_childOutlivesSignals(world: World) -> None:
         world.call(log, n)
     await log.stop()
     assert log.written == 3 and len(await world.rows()) == 3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"batchSize": 0}, {"flushInterval": 0}, {"maxQueue": -1}, {"maxDataBytes": -1}],
+)
+def test_badOptions(options: dict[str, Any]) -> None:
+    """
+    Impossible options are refused when the log is made, as RequestLog's
+    are (the writer process would refuse them too, and die at each start).
+    """
+    with pytest.raises(ValueError):
+        ProcessRequestLog(
+            database=DatabaseURL(kind="sqlite", path="unused.sqlite3"), reactor=reactor, **options
+        )
